@@ -1,0 +1,255 @@
+"""Checkpoint directories: weights in safetensors, everything else in JSON. Nothing is unpickled.
+
+    model.safetensors          model weights (a tied LM head is stored once, as embed.weight)
+    config.json                {"model": ModelConfig, "tokenizer": {fingerprint, vocab_size}, ...}
+    tokenizer.model            the SentencePiece model the weights were trained with
+    trainer_state.safetensors  optimizer moments and RNG state (only in resumable checkpoints)
+    trainer_state.json         step, tokens seen, optimizer hyper-parameters, anything JSON-able
+    manifest.json              kind "checkpoint", written last (see core/artifacts.py)
+
+A directory is written under a temporary name and renamed, so a crash mid-save leaves the previous
+checkpoint intact. Loading checks every file and names what is wrong: missing files, a config that
+is not ours, a truncated weights file, a tokenizer whose fingerprint differs from the one recorded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from llmctl import __version__
+from llmctl.core.artifacts import Manifest, atomic_write_text, dir_fingerprint
+from llmctl.core.errors import ConfigError, InputError
+from llmctl.core.model import ModelConfig, Transformer
+from llmctl.core.tokenizer import MODEL_FILE, Tokenizer
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+STATE_TENSORS = "trainer_state.safetensors"
+STATE_JSON = "trainer_state.json"
+REQUIRED = (WEIGHTS, CONFIG, MODEL_FILE)
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint."""
+
+    path: Path
+    model: Transformer
+    tokenizer: Tokenizer
+    config: dict[str, Any]
+
+    @property
+    def model_config(self) -> ModelConfig:
+        """The architecture."""
+        return self.model.cfg
+
+
+def model_state(model: Transformer) -> dict[str, torch.Tensor]:
+    """State dict with the tied head dropped (safetensors stores no aliases)."""
+    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if model.cfg.tie_embeddings:
+        sd.pop("lm_head.weight", None)
+    return sd
+
+
+def save_checkpoint(
+    path: Path,
+    model: Transformer,
+    tokenizer: Tokenizer,
+    *,
+    optimizer: torch.optim.Optimizer | None = None,
+    trainer_state: dict[str, Any] | None = None,
+    manifest: Manifest | None = None,
+    extra_config: dict[str, Any] | None = None,
+) -> Path:
+    """Write a checkpoint directory atomically (temporary name, then rename over `path`).
+
+    Args:
+        path: Target directory.
+        model: The model (unwrapped).
+        tokenizer: Its tokenizer.
+        optimizer: Saved with `trainer_state` for exact resume.
+        trainer_state: JSON-able resume state (step, tokens, ...).
+        manifest: Written last; a default "checkpoint" manifest if None.
+        extra_config: Merged into config.json (e.g. {"head": "reward"} for later stages).
+
+    Returns:
+        `path`.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    write_checkpoint_files(tmp, model, tokenizer, optimizer=optimizer, trainer_state=trainer_state,
+                           extra_config=extra_config)
+    m = manifest or Manifest(kind="checkpoint", stage="checkpoint")
+    m.fingerprint = dir_fingerprint(tmp)
+    m.tokenizer = {"fingerprint": tokenizer.fingerprint, "vocab_size": tokenizer.vocab_size}
+    m.write(tmp)
+    if path.exists():
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, path)
+    return path
+
+
+def write_checkpoint_files(
+    directory: Path,
+    model: Transformer,
+    tokenizer: Tokenizer,
+    *,
+    optimizer: torch.optim.Optimizer | None = None,
+    trainer_state: dict[str, Any] | None = None,
+    extra_config: dict[str, Any] | None = None,
+) -> None:
+    """Write a checkpoint's files (no manifest) into an existing directory."""
+    directory = Path(directory)
+    save_file(model_state(model), str(directory / WEIGHTS), metadata={"format": "pt", "llmctl": __version__})
+    cfg = {
+        "model": model.cfg.to_dict(),
+        "tokenizer": {"fingerprint": tokenizer.fingerprint, "vocab_size": tokenizer.vocab_size},
+        "llmctl_version": __version__,
+        "architecture": "llmctl-llama",
+        **(extra_config or {}),
+    }
+    (directory / CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
+    tokenizer.save(directory)
+    if optimizer is not None or trainer_state is not None:
+        tensors, meta = _pack_optimizer(optimizer) if optimizer is not None else ({}, {})
+        tensors["rng.torch_cpu"] = torch.get_rng_state()
+        save_file(tensors, str(directory / STATE_TENSORS))
+        state = {**(trainer_state or {}), "optimizer": meta}
+        (directory / STATE_JSON).write_text(json.dumps(state, indent=2) + "\n")
+
+
+def _pack_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    sd = opt.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, st in sd["state"].items():
+        for name, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"opt.{idx}.{name}"] = v.detach().contiguous().cpu()
+            else:
+                scalars.setdefault(str(idx), {})[name] = v
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _unpack_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for key, v in tensors.items():
+        if key.startswith("opt."):
+            _, idx, name = key.split(".", 2)
+            state.setdefault(int(idx), {})[name] = v
+    for idx, sc in meta.get("scalars", {}).items():
+        state.setdefault(int(idx), {}).update(sc)
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def check_checkpoint_dir(path: Path) -> dict[str, Any]:
+    """Validate a checkpoint directory's files and return its config.json.
+
+    Raises:
+        InputError: Missing files, or a config.json that is not an llmctl model config.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise InputError(f"checkpoint {path} does not exist", "pass a directory written by `llmctl pretrain`")
+    missing = [f for f in REQUIRED if not (path / f).is_file()]
+    if missing:
+        found = sorted(p.name for p in path.iterdir())[:8]
+        hint = "pass a directory written by `llmctl pretrain`"
+        if (path / "checkpoints").is_dir():
+            hint = f"this looks like a run directory; pass one of {path / 'checkpoints'}/*"
+        raise InputError(
+            f"{path} is not a complete llmctl checkpoint: missing {', '.join(missing)} (found: {', '.join(found) or 'nothing'})",
+            hint,
+        )
+    try:
+        cfg = json.loads((path / CONFIG).read_text(encoding="utf-8"))
+        ModelConfig.from_dict(cfg["model"])
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ConfigError) as e:
+        raise InputError(
+            f"{path / CONFIG} is not an llmctl model config ({type(e).__name__}: {e})",
+            "a Hugging Face model must be imported first (llmctl import-hf)",
+        ) from None
+    return cfg
+
+
+def load_checkpoint(path: Path, device: torch.device | str = "cpu", tokenizer: Tokenizer | None = None) -> Checkpoint:
+    """Load a checkpoint's model (fp32, eval mode) and tokenizer.
+
+    Args:
+        path: Checkpoint directory.
+        device: Where to put the weights.
+        tokenizer: Use this tokenizer instead of the stored one; its fingerprint must match.
+
+    Raises:
+        InputError: Any file missing, corrupt, truncated or inconsistent, or a tokenizer mismatch.
+    """
+    path = Path(path)
+    cfg = check_checkpoint_dir(path)
+    mcfg = ModelConfig.from_dict(cfg["model"])
+    stored = Tokenizer.load(path / MODEL_FILE)
+    tok = tokenizer or stored
+    expected = cfg.get("tokenizer", {}).get("fingerprint")
+    if expected and tok.fingerprint != expected:
+        raise InputError(
+            f"tokenizer {tok.fingerprint} does not match checkpoint {path} (trained with {expected})",
+            f"use the checkpoint's own tokenizer ({path / MODEL_FILE}) or re-tokenize with it: "
+            f"llmctl tokenize DOCS -o TOKENS --tokenizer {path}",
+        )
+    if tok.vocab_size != mcfg.vocab_size:
+        raise InputError(f"tokenizer has {tok.vocab_size} ids, model expects {mcfg.vocab_size}")
+    try:
+        sd = load_file(str(path / WEIGHTS), device="cpu")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise InputError(f"{path / WEIGHTS} is corrupt or truncated ({e})", "re-save or re-download the checkpoint") from None
+    model = Transformer(mcfg)
+    if mcfg.tie_embeddings:
+        sd["lm_head.weight"] = sd.get("embed.weight", torch.empty(0))
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        raise InputError(f"{path / WEIGHTS} does not match its config.json: {' '.join(first[:2])[:300]}") from None
+    return Checkpoint(path, model.to(device).eval(), tok, cfg)
+
+
+def load_trainer_state(path: Path, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+    """Restore optimizer moments and RNG state from a checkpoint; return trainer_state.json.
+
+    Raises:
+        InputError: The checkpoint holds no trainer state (not resumable).
+    """
+    path = Path(path)
+    if not (path / STATE_JSON).is_file() or not (path / STATE_TENSORS).is_file():
+        raise InputError(f"{path} has no trainer state to resume from", "start a new run without --resume")
+    meta = json.loads((path / STATE_JSON).read_text())
+    try:
+        tensors = load_file(str(path / STATE_TENSORS), device="cpu")
+    except (SafetensorError, OSError) as e:
+        raise InputError(f"{path / STATE_TENSORS} is corrupt ({e})") from None
+    if optimizer is not None and meta.get("optimizer"):
+        optimizer.load_state_dict(_unpack_optimizer(tensors, meta["optimizer"]))
+    if "rng.torch_cpu" in tensors:
+        torch.set_rng_state(tensors["rng.torch_cpu"])
+    return meta
+
+
+def write_config_json(path: Path, cfg: dict[str, Any]) -> None:
+    """Rewrite config.json atomically (used by later stages that add heads)."""
+    atomic_write_text(Path(path) / CONFIG, json.dumps(cfg, indent=2) + "\n")

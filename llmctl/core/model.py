@@ -1,0 +1,334 @@
+"""Llama-style decoder-only transformer.
+
+token embedding -> n_layers x [RMSNorm -> grouped-query attention with RoPE -> residual;
+RMSNorm -> SwiGLU MLP -> residual] -> RMSNorm -> LM head (tied or untied). No biases.
+
+Conventions follow Hugging Face's `LlamaForCausalLM` exactly (RoPE rotates the two halves of each
+head, not interleaved pairs; RMSNorm normalises in fp32), so weights map one-to-one
+(`llmctl.core.hf_compat`). Two departures from the textbook layout, both for speed: q/k/v are one
+fused projection (`wqkv`) and the SwiGLU gate/up are one (`w13`). Attention is
+`F.scaled_dot_product_attention` with `enable_gqa`, so K/V heads are never materialised n_heads times
+and the fused flash kernel runs (on CUDA and on CPU).
+
+The model knows nothing of devices, ranks or files. `ModelConfig` is the one source of truth for the
+architecture; it is stored as `config.json` in every checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmctl.core.config import require
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """Architecture of the decoder. Names are used alike in code, JSON, flags and docs."""
+
+    vocab_size: int = 32000  # set from the tokenizer by pretrain
+    d_model: int = 256  # residual stream width
+    n_layers: int = 4  # transformer blocks
+    n_heads: int = 4  # query heads
+    n_kv_heads: int = 4  # key/value heads: = n_heads is MHA, 1 is MQA, between is GQA
+    d_ff: int = 688  # SwiGLU hidden width
+    max_seq_len: int = 1024  # longest context (RoPE tables, KV cache)
+    rope_theta: float = 10000.0  # RoPE base
+    norm_eps: float = 1e-5  # RMSNorm epsilon
+    tie_embeddings: bool = True  # LM head shares the token embedding matrix
+    init_std: float = 0.02  # std of the normal init; residual projections get /sqrt(2*n_layers)
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff"):
+            require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        require(
+            self.d_model % self.n_heads == 0,
+            f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})",
+        )
+        require(
+            self.n_heads % self.n_kv_heads == 0,
+            f"n_kv_heads ({self.n_kv_heads}) must divide n_heads ({self.n_heads})",
+        )
+        require(self.head_dim % 2 == 0, f"head_dim ({self.head_dim}) must be even for RoPE")
+        require(self.rope_theta > 0, f"rope_theta must be > 0, got {self.rope_theta}")
+        require(self.max_seq_len >= 2, f"max_seq_len must be >= 2, got {self.max_seq_len}")
+
+    @property
+    def head_dim(self) -> int:
+        """Width of one attention head."""
+        return self.d_model // self.n_heads
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict (what `config.json` holds under "model")."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelConfig:
+        """Inverse of `to_dict`; unknown keys are an error so a foreign config.json is caught."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        require(not unknown, f"unknown model config keys: {', '.join(sorted(unknown))}")
+        return cls(**d)
+
+    def replace(self, **changes: object) -> ModelConfig:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+# Named shapes. vocab_size is left to the tokenizer. Parameter counts are at vocab 32000, tied.
+PRESETS: dict[str, dict] = {
+    # ~1.4M non-embedding params: trains on 2 CPU cores in minutes.
+    "tiny": dict(d_model=192, n_layers=4, n_heads=6, n_kv_heads=2, d_ff=512, max_seq_len=256),
+    # GPT-2-small scale: ~124M with a 32k vocabulary.
+    "124m": dict(d_model=768, n_layers=12, n_heads=12, n_kv_heads=12, d_ff=2560, max_seq_len=1024),
+    # GPT-2-medium scale, GQA: ~350M.
+    "350m": dict(d_model=1024, n_layers=24, n_heads=16, n_kv_heads=8, d_ff=3072, max_seq_len=2048),
+    # Llama-3.2-1B shape: ~1.0B.
+    "1b": dict(d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8, d_ff=8192, max_seq_len=2048,
+               rope_theta=500000.0),
+    # Llama-2-7B shape: ~6.7B (untied head).
+    "7b": dict(d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32, d_ff=11008, max_seq_len=4096,
+               tie_embeddings=False),
+}
+
+
+def preset(name: str, **overrides: object) -> ModelConfig:
+    """A named shape with overrides (e.g. vocab_size from the tokenizer)."""
+    require(name in PRESETS, f"unknown model preset '{name}' (choose from {', '.join(PRESETS)})")
+    return ModelConfig(**{**PRESETS[name], **overrides})
+
+
+def param_count(cfg: ModelConfig, *, embeddings: bool = True) -> int:
+    """Number of parameters, computed from the shape alone (matches `sum(p.numel())`)."""
+    d, hd = cfg.d_model, cfg.head_dim
+    attn = d * (cfg.n_heads + 2 * cfg.n_kv_heads) * hd + cfg.n_heads * hd * d
+    mlp = 3 * d * cfg.d_ff
+    block = attn + mlp + 2 * d
+    n = cfg.n_layers * block + d  # + final norm
+    if embeddings:
+        n += cfg.vocab_size * d * (1 if cfg.tie_embeddings else 2)
+    else:
+        n += 0 if cfg.tie_embeddings else cfg.vocab_size * d  # the head does matmul work
+    return n
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward = 3x forward), PaLM-style:
+    6 * (non-embedding params incl. the LM head) + 12 * n_layers * d_model * seq_len (attention)."""
+    n = param_count(cfg, embeddings=False) + (cfg.vocab_size * cfg.d_model if cfg.tie_embeddings else 0)
+    return 6.0 * n + 12.0 * cfg.n_layers * cfg.d_model * seq_len
+
+
+def chinchilla_tokens(cfg: ModelConfig) -> int:
+    """Compute-optimal training tokens, about 20 per parameter (Hoffmann et al., 2022)."""
+    return 20 * param_count(cfg)
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def rope_tables(cfg: ModelConfig, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables, (max_seq_len, head_dim), with each frequency repeated over both halves."""
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32, device=device) / cfg.head_dim))
+    t = torch.arange(cfg.max_seq_len, dtype=torch.float32, device=device)
+    freqs = torch.outer(t, inv_freq)  # (T, head_dim/2)
+    emb = torch.cat([freqs, freqs], dim=-1)  # (T, head_dim)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, H, T, hd) by position; cos/sin are (T, hd) or (B, 1, T, hd)."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+class KVCache:
+    """Preallocated keys/values for incremental decoding, one (B, n_kv, max_len, hd) pair per layer.
+
+    `pos` is how many positions are filled. `mask` is an optional (B, max_len) bool of which filled
+    slots are real tokens (False for left padding in a batch of unequal prompts).
+    """
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device: torch.device, dtype: torch.dtype) -> None:
+        shape = (batch, cfg.n_kv_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.pos = 0
+        self.max_len = max_len
+        self.mask: torch.Tensor | None = None
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep/duplicate batch rows (e.g. to drop finished sequences)."""
+        self.k = [k.index_select(0, index) for k in self.k]
+        self.v = [v.index_select(0, index) for v in self.v]
+        if self.mask is not None:
+            self.mask = self.mask.index_select(0, index)
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm with a learned gain (no bias, no mean subtraction), computed in fp32."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return self.weight * y.to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention with RoPE through fused SDPA."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv, self.hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.wqkv = nn.Linear(cfg.d_model, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: KVCache | None,
+        layer: int,
+        attn_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        qkv = self.wqkv(x)
+        q, k, v = qkv.split([self.n_heads * self.hd, self.n_kv * self.hd, self.n_kv * self.hd], dim=-1)
+        q = q.view(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, H, T, hd)
+        k = k.view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, KV, T, hd)
+        v = v.view(B, T, self.n_kv, self.hd).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        is_causal = attn_mask is None
+        if cache is not None:
+            start = cache.pos
+            cache.k[layer][:, :, start : start + T] = k
+            cache.v[layer][:, :, start : start + T] = v
+            k = cache.k[layer][:, :, : start + T]
+            v = cache.v[layer][:, :, : start + T]
+            # is_causal aligns the mask top-left, which is right only when nothing precedes the
+            # queries; a single new query may see everything; otherwise the caller passes a mask.
+            is_causal = attn_mask is None and start == 0 and T > 1
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=self.n_kv != self.n_heads
+        )  # (B, H, T, hd)
+        return self.wo(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
+
+
+class MLP(nn.Module):
+    """SwiGLU: w2(silu(x W1) * x W3), with W1 and W3 fused into one matmul."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.d_ff = cfg.d_ff
+        self.w13 = nn.Linear(cfg.d_model, 2 * cfg.d_ff, bias=False)
+        self.w2 = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.w13(x).split(self.d_ff, dim=-1)
+        return self.w2(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, cache, layer, attn_mask):  # noqa: ANN001, D102
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer, attn_mask)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Transformer(nn.Module):
+    """The decoder. `forward(ids) -> logits`; see `forward` for incremental decoding."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        cos, sin = rope_tables(cfg)
+        # Non-persistent: derived from the config, so never stored in a checkpoint.
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """Normal(0, init_std) for matrices, residual output projections scaled by 1/sqrt(2L)
+        (GPT-2 / nanoGPT), norms at 1. Separate from __init__ so a model built on the meta device
+        can be sharded first and initialised after."""
+        std = self.cfg.init_std
+        for name, p in self.named_parameters():
+            if p.ndim == 1:
+                p.fill_(1.0)
+            elif name.endswith(("wo.weight", "w2.weight")):
+                p.normal_(0.0, std / math.sqrt(2 * self.cfg.n_layers), generator=generator)
+            else:
+                p.normal_(0.0, std, generator=generator)
+        cos, sin = rope_tables(self.cfg, self.rope_cos.device)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
+
+    def forward(
+        self,
+        ids: torch.Tensor,
+        *,
+        cache: KVCache | None = None,
+        positions: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+        hidden: bool = False,
+    ) -> torch.Tensor:
+        """Logits for every position.
+
+        Args:
+            ids: (B, T) token ids.
+            cache: KV cache to read and extend (its `pos` advances by T).
+            positions: (B, T) RoPE positions; default `cache.pos + arange(T)`.
+            attn_mask: (B, 1, T, T_total) bool, True = may attend; default causal.
+            hidden: Return the final normed hidden states (B, T, d_model) instead of logits
+                (reward and value heads read these).
+
+        Returns:
+            (B, T, vocab_size) logits in the compute dtype, or hidden states.
+        """
+        B, T = ids.shape
+        start = cache.pos if cache is not None else 0
+        if start + T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len {self.cfg.max_seq_len}")
+        if positions is None:
+            cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]
+        else:
+            cos, sin = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)
+        x = self.embed(ids)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, cache, i, attn_mask)
+        if cache is not None:
+            cache.pos += T
+        x = self.norm(x)
+        return x if hidden else self.lm_head(x)
+
+    def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
+        """An empty KV cache on this model's device and dtype."""
+        w = self.embed.weight
+        return KVCache(self.cfg, batch, max_len or self.cfg.max_seq_len, w.device, w.dtype)

@@ -1,0 +1,136 @@
+"""Autoregressive decoding with a KV cache: the one generator that generate, chat, eval and ppo use.
+
+Speaks token ids only. Prompts of unequal length are left-padded into one batch: a boolean mask
+keeps real tokens from attending to padding and RoPE positions count real tokens only, so each row
+decodes exactly as it would alone. (Every query may also attend to itself, so a padding row is never
+fully masked; a fully masked row would turn into NaN and leak through 0 * NaN.) Prefill runs the
+prompt once; each later step feeds one token per row. Equal-length batches take the mask-free path,
+where SDPA can use its flash kernel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from llmctl.core.config import require
+from llmctl.core.model import Transformer
+
+
+@dataclass(frozen=True, kw_only=True)
+class SamplingConfig:
+    """How to pick each next token."""
+
+    max_new_tokens: int = 128  # upper bound; also capped by the model's context
+    temperature: float = 0.8  # 0 = greedy (argmax)
+    top_k: int = 50  # keep the k most likely tokens (0 = off)
+    top_p: float = 0.95  # nucleus: smallest set with this much probability (1.0 = off)
+
+    def __post_init__(self) -> None:
+        require(self.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
+        require(self.temperature >= 0, f"--temperature must be >= 0, got {self.temperature}")
+        require(self.top_k >= 0, f"--top-k must be >= 0, got {self.top_k}")
+        require(0 < self.top_p <= 1, f"--top-p must be in (0, 1], got {self.top_p}")
+
+
+def pick(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:
+    """Next token per row from (B, V) logits."""
+    if cfg.temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / cfg.temperature
+    if cfg.top_k and cfg.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, cfg.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if cfg.top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop = cum - sorted_logits.softmax(dim=-1) >= cfg.top_p  # mass before this token already >= p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def stream(
+    model: Transformer,
+    prompts: Sequence[Sequence[int]],
+    cfg: SamplingConfig,
+    *,
+    stop_ids: Sequence[int] = (),
+    generator: torch.Generator | None = None,
+    pad_id: int = 0,
+) -> Iterator[list[int | None]]:
+    """Yield, at each step, the new token of every row (None once a row has stopped).
+
+    A row stops after emitting a stop id (which is yielded) or when the context is full.
+
+    Args:
+        model: The decoder (eval mode).
+        prompts: Token ids per row; each non-empty.
+        cfg: Sampling settings.
+        stop_ids: Ids that end a row (EOS, end-of-turn).
+        generator: Seeded torch.Generator on the model's device, for reproducible sampling.
+        pad_id: Id used for left padding (never attended to).
+    """
+    require(len(prompts) > 0 and all(len(p) > 0 for p in prompts), "every prompt needs at least one token")
+    device = model.embed.weight.device
+    B = len(prompts)
+    lens = torch.tensor([len(p) for p in prompts], device=device)
+    L = int(lens.max())
+    ctx = model.cfg.max_seq_len
+    require(L < ctx, f"prompt of {L} tokens leaves no room in the {ctx}-token context")
+    steps = min(cfg.max_new_tokens, ctx - L)
+    ids = torch.full((B, L), pad_id, dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        ids[i, L - len(p):] = torch.tensor(list(p), dtype=torch.long, device=device)
+    cache = model.new_cache(B, L + steps)
+    ragged = bool((lens != L).any())
+    if ragged:
+        real = torch.arange(L, device=device)[None, :] >= (L - lens)[:, None]  # (B, L)
+        cache.mask = torch.zeros(B, L + steps, dtype=torch.bool, device=device)
+        cache.mask[:, :L] = real
+        causal = torch.ones(L, L, dtype=torch.bool, device=device).tril()
+        eye = torch.eye(L, dtype=torch.bool, device=device)
+        mask = (causal[None] & real[:, None, :]) | eye[None]  # (B, L, L)
+        positions = (real.cumsum(-1) - 1).clamp(min=0)
+        logits = model(ids, cache=cache, positions=positions, attn_mask=mask[:, None])
+    else:
+        logits = model(ids, cache=cache)
+    stops = torch.tensor(sorted(set(stop_ids)) or [-1], device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    nxt = pick(logits[:, -1], cfg, generator)
+    for step in range(steps):
+        out = [None if d else int(t) for t, d in zip(nxt.tolist(), done.tolist(), strict=True)]
+        yield out
+        done |= torch.isin(nxt, stops)
+        if bool(done.all()) or step == steps - 1:
+            return
+        if ragged:
+            cache.mask[:, L + step] = True
+            positions = (lens + step)[:, None]
+            logits = model(nxt[:, None], cache=cache, positions=positions,
+                           attn_mask=cache.mask[:, None, None, : L + step + 1])
+        else:
+            logits = model(nxt[:, None], cache=cache)
+        nxt = pick(logits[:, -1], cfg, generator)
+
+
+def generate(
+    model: Transformer,
+    prompts: Sequence[Sequence[int]],
+    cfg: SamplingConfig,
+    *,
+    stop_ids: Sequence[int] = (),
+    generator: torch.Generator | None = None,
+    pad_id: int = 0,
+) -> list[list[int]]:
+    """Batched generation; returns each row's new tokens (the stop token included if hit)."""
+    outs: list[list[int]] = [[] for _ in prompts]
+    for step in stream(model, prompts, cfg, stop_ids=stop_ids, generator=generator, pad_id=pad_id):
+        for i, t in enumerate(step):
+            if t is not None:
+                outs[i].append(t)
+    return outs
