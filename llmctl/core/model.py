@@ -320,6 +320,10 @@ class Transformer(nn.Module):
             cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]
         else:
             cos, sin = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)
+        if attn_mask is None and start > 0 and T > 1:
+            # SDPA's is_causal aligns its mask top-left, which is wrong once cached positions precede
+            # the queries; query i sits at position start + i and may see keys 0 .. start + i.
+            attn_mask = torch.ones(T, start + T, dtype=torch.bool, device=ids.device).tril(start)
         x = self.embed(ids)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, cache, i, attn_mask)

@@ -97,6 +97,10 @@ class Tokenizer:
     """SentencePiece model + special tokens + chat template. Load with `Tokenizer.load(path)`."""
 
     def __init__(self, model_bytes: bytes) -> None:
+        if not model_bytes:
+            # SentencePiece takes an empty proto as "no model" and returns an unloaded processor whose
+            # lookups all answer defaults, which would slip past the special-token check below.
+            raise RuntimeError("empty model (0 bytes)")
         self.model_bytes = model_bytes
         self.sp = spm.SentencePieceProcessor(model_proto=model_bytes)
         self.fingerprint = hashlib.sha256(model_bytes).hexdigest()[:16]

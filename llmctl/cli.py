@@ -1,0 +1,388 @@
+"""The `llmctl` command line: one thin command per stage.
+
+Each command turns flags into its stage's config (dataclass defaults < `--config FILE.toml` table <
+flags), calls the stage's `run()` with a rich progress bar on stderr, and prints a summary table.
+Data goes to stdout only where the user asked for it (`-o -`, generated text), so stages pipe.
+Errors from the library print as `error: ...` / `hint: ...` on stderr; exit codes: 0 ok, 1 runtime
+failure, 2 bad usage or bad input, 130 interrupted. `--debug` or LLMCTL_DEBUG=1 shows tracebacks.
+This is the only module that imports typer or rich.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, Optional, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from llmctl import __version__
+from llmctl.core.config import build_config, load_toml, to_dict
+from llmctl.core.errors import LlmctlError
+
+err = Console(stderr=True)
+out = Console()
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class State:
+    """Global options, set by the app callback."""
+
+    seed: int | None = None
+    quiet: bool = False
+    verbose: bool = False
+    debug: bool = bool(os.environ.get("LLMCTL_DEBUG"))
+
+
+STATE = State()
+
+app = typer.Typer(
+    name="llmctl",
+    help="From raw web crawl to an evaluated, aligned chat model: one command per stage.\n\n"
+    "Stages read and write dataset or checkpoint directories (each with a manifest.json), so they chain "
+    "in shell pipelines and Makefiles. Quick start: `make demo` (see README).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    rich_markup_mode="rich",
+)
+
+
+# -- shared plumbing ------------------------------------------------------------------------------
+
+
+class RichProgress:
+    """core.progress.Progress on a rich bar (stderr): rate and ETA, plus live fields (loss, tok/s)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self._p: Progress | None = None
+        self._task: Any = None
+
+    def start(self, task: str, total: float | None, unit: str = "") -> None:
+        if not self.enabled:
+            return
+        self.stop()
+        cols = [SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("{task.fields[rate]}"), TextColumn("{task.fields[info]}"), TimeElapsedColumn()]
+        if total:
+            cols.append(TimeRemainingColumn())
+        self._p = Progress(*cols, console=err, transient=False)
+        self._p.start()
+        self._task = self._p.add_task(task, total=total, rate="", info="", unit=unit)
+        self._unit = unit or "it"
+        self._t0 = time.perf_counter()
+
+    def advance(self, n: float = 1, **fields: Any) -> None:
+        if not self._p:
+            return
+        task = self._p.tasks[0]
+        done = task.completed + n
+        rate = done / max(time.perf_counter() - self._t0, 1e-9)
+        info = "  ".join(f"{k} {v:,.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in fields.items())
+        self._p.update(self._task, advance=n, rate=f"{rate:,.1f} {self._unit}/s", info=info)
+
+    def log(self, message: str) -> None:
+        if self.enabled:
+            (self._p.console if self._p else err).print(f"[dim]{message}[/dim]")
+
+    def stop(self) -> None:
+        if self._p:
+            self._p.stop()
+            self._p = None
+
+
+def progress() -> RichProgress:
+    """A progress bar unless --quiet (or stderr is not a terminal and not verbose)."""
+    return RichProgress(not STATE.quiet)
+
+
+def handle_errors(fn: F) -> F:
+    """Turn library errors into `error:`/`hint:` lines and exit codes."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except LlmctlError as e:
+            if STATE.debug:
+                err.print_exception()
+            err.print(f"[bold red]error:[/bold red] {e.problem}", markup=True, highlight=False, soft_wrap=True)
+            if e.hint:
+                err.print(f"[yellow]hint:[/yellow] {e.hint}", highlight=False, soft_wrap=True)
+            raise typer.Exit(e.exit_code) from None
+        except KeyboardInterrupt:
+            err.print("[yellow]interrupted[/yellow] (a checkpointing stage saved its last completed step; re-run with --resume)")
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def make_config(cls: type, config: Path | None, section: str, **flags: Any) -> Any:
+    """defaults < [section] of --config < flags (None = not given); the global --seed is a flag."""
+    toml = load_toml(config) if config else None
+    if STATE.seed is not None and "seed" in cls.__dataclass_fields__:
+        flags["seed"] = STATE.seed
+    return build_config(cls, toml, section, **flags)
+
+
+def summary(title: str, rows: dict[str, Any]) -> None:
+    """Print a two-column table of a stage's results to stderr."""
+    if STATE.quiet:
+        return
+    t = Table(title=title, show_header=False, title_justify="left", title_style="bold")
+    t.add_column(style="cyan")
+    t.add_column(overflow="fold")
+    for k, v in rows.items():
+        if isinstance(v, float):
+            v = f"{v:,.4f}" if abs(v) < 1000 else f"{v:,.0f}"
+        elif isinstance(v, int):
+            v = f"{v:,}"
+        t.add_row(k, str(v))
+    err.print(t)
+
+
+def show_config(cfg: Any) -> None:
+    if STATE.verbose:
+        err.print_json(data=to_dict(cfg))
+
+
+# Shared option types (defined once).
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML file; its [STAGE] table sets defaults that flags override.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing output (only once the new one is complete).")]
+OutOpt = Annotated[Path, typer.Option("--output", "-o", help="Output directory.")]
+
+
+@app.callback(invoke_without_command=True)
+def _global(
+    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Seed for every stage (overrides the config file).")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or tables; errors only.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Also print each stage's resolved config.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors (or set LLMCTL_DEBUG=1).")] = False,
+) -> None:
+    """Global options go before the command: llmctl --seed 1 -q pretrain ..."""
+    if version:
+        out.print(f"llmctl {__version__}")
+        raise typer.Exit()
+    STATE.seed, STATE.quiet, STATE.verbose = seed, quiet, verbose
+    STATE.debug = STATE.debug or debug
+
+
+# -- data ------------------------------------------------------------------------------------------
+
+
+@app.command(epilog="Example: llmctl corpus -o data/docs   |   llmctl corpus -o - | llmctl tokenize - -o data/tokens")
+@handle_errors
+def corpus(
+    output: Annotated[str, typer.Option("--output", "-o", help="Output directory, or - for an Arrow stream on stdout.")],
+    kinds: Annotated[Optional[str], typer.Option(help="Comma-separated: topics,docstrings,code.")] = None,
+    max_docs: Annotated[Optional[int], typer.Option(help="Stop after this many documents (0 = all).")] = None,
+    config: ConfigOpt = None,
+    force: ForceOpt = False,
+) -> None:
+    """Build the embedded default corpus from the Python standard library (no download).
+
+    Documentation topics, docstrings and source code of the interpreter's stdlib, in a fixed order:
+    byte-identical output for the same Python version.
+    """
+    from llmctl.stages import corpus as stage
+
+    cfg = make_config(stage.CorpusConfig, config, "corpus", kinds=tuple(kinds.split(",")) if kinds else None, max_docs=max_docs)
+    show_config(cfg)
+    m = stage.run(output, cfg, force=force, progress=progress() if output != "-" else RichProgress(False))
+    if m is not None:
+        summary(f"corpus -> {output}", {**m.counts, **{k: v for k, v in m.stats.items()}})
+
+
+@app.command(epilog="Example: llmctl tokenize data/docs -o data/tokens --vocab-size 8192 --val-fraction 0.01")
+@handle_errors
+def tokenize(
+    input: Annotated[str, typer.Argument(help="Docs dataset dir, Parquet/JSONL(.gz/.zst)/.txt file or dir, or - (Arrow stream on stdin).")],
+    output: OutOpt,
+    vocab_size: Annotated[Optional[int], typer.Option(help="Vocabulary size to train (default 32000).")] = None,
+    train_bytes: Annotated[Optional[int], typer.Option(help="Text sampled to train the tokenizer (default 200 MB).")] = None,
+    tokenizer: Annotated[Optional[str], typer.Option(help="Reuse a tokenizer: tokenizer.model, a tokens dir or a checkpoint.")] = None,
+    val_fraction: Annotated[Optional[float], typer.Option(help="Share of documents held out for validation.")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="Encoding processes (0 = all cores).")] = None,
+    text_column: Annotated[Optional[str], typer.Option(help="Column holding the text.")] = None,
+    encoding_errors: Annotated[Optional[str], typer.Option(help="Non-UTF-8 input: strict (fail) or replace.")] = None,
+    config: ConfigOpt = None,
+    force: ForceOpt = False,
+) -> None:
+    """Train a SentencePiece BPE tokenizer (or reuse one) and encode documents into token files.
+
+    Writes Megatron-LM-compatible train.bin/.idx and val.bin/.idx (uint16 ids when the vocabulary
+    fits), the tokenizer.model, and a manifest with token counts, bytes per token and the unigram
+    baseline loss.
+    """
+    from llmctl.stages import tokenize as stage
+
+    cfg = make_config(stage.TokenizeConfig, config, "tokenize", vocab_size=vocab_size, train_bytes=train_bytes, tokenizer=tokenizer,
+                      val_fraction=val_fraction, workers=workers, text_column=text_column, encoding_errors=encoding_errors)
+    show_config(cfg)
+    m = stage.run(input, output, cfg, force=force, progress=progress())
+    summary(f"tokenize -> {output}", {**m.counts, **m.stats, "tokenizer": f"{m.tokenizer['fingerprint']} ({m.tokenizer['vocab_size']} ids)"})
+
+
+# -- training --------------------------------------------------------------------------------------
+
+
+@app.command(epilog="Example: llmctl pretrain data/tokens -o runs/base --model tiny --max-steps 300\n\n"
+             "Mix datasets: llmctl pretrain --data web/=0.7 --data code/=0.3 -o runs/base")
+@handle_errors
+def pretrain(
+    tokens: Annotated[Optional[list[str]], typer.Argument(help="Tokens dirs (weight 1 each); or use --data PATH=WEIGHT.")] = None,
+    output: OutOpt = Path("runs/base"),
+    data: Annotated[Optional[list[str]], typer.Option(help="Tokens dir with a mixture weight, PATH=WEIGHT (repeatable).")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Preset: tiny, 124m, 350m, 1b, 7b.")] = None,
+    d_model: Annotated[Optional[int], typer.Option(help="Override the preset's width.")] = None,
+    n_layers: Annotated[Optional[int], typer.Option(help="Override the preset's depth.")] = None,
+    n_heads: Annotated[Optional[int], typer.Option(help="Override the preset's query heads.")] = None,
+    n_kv_heads: Annotated[Optional[int], typer.Option(help="Override the preset's key/value heads (GQA).")] = None,
+    d_ff: Annotated[Optional[int], typer.Option(help="Override the preset's MLP width.")] = None,
+    rope_theta: Annotated[Optional[float], typer.Option(help="Override the RoPE base.")] = None,
+    tie_embeddings: Annotated[Optional[bool], typer.Option("--tie-embeddings/--no-tie-embeddings", help="Share input and output embeddings.")] = None,
+    seq_len: Annotated[Optional[int], typer.Option(help="Context length of training rows.")] = None,
+    batch_tokens: Annotated[Optional[int], typer.Option(help="Tokens per optimizer step (gradient accumulation fills it).")] = None,
+    micro_batch: Annotated[Optional[int], typer.Option(help="Rows per forward pass.")] = None,
+    max_steps: Annotated[Optional[int], typer.Option(help="Optimizer steps (overrides --tokens).")] = None,
+    tokens_budget: Annotated[Optional[str], typer.Option("--tokens", help="Training tokens, e.g. 2e9, or 'auto' (Chinchilla: 20 per parameter).")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate.")] = None,
+    min_lr: Annotated[Optional[float], typer.Option(help="Cosine floor (default lr/10).")] = None,
+    warmup_steps: Annotated[Optional[int], typer.Option(help="Linear warmup steps.")] = None,
+    weight_decay: Annotated[Optional[float], typer.Option(help="AdamW weight decay (matrices only).")] = None,
+    grad_clip: Annotated[Optional[float], typer.Option(help="Max gradient norm (0 = off).")] = None,
+    eval_every: Annotated[Optional[int], typer.Option(help="Steps between validation runs.")] = None,
+    save_every: Annotated[Optional[int], typer.Option(help="Steps between checkpoints.")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N, mps.")] = None,
+    precision: Annotated[Optional[str], typer.Option(help="auto, fp32 or bf16 (autocast).")] = None,
+    compile: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile the model.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint in OUTPUT.partial/.")] = False,
+    config: ConfigOpt = None,
+    force: ForceOpt = False,
+) -> None:
+    """Pretrain the Llama-style decoder on token files (next-token prediction).
+
+    AdamW with warmup + cosine decay, gradient accumulation, clipping, bf16 autocast where supported.
+    Checkpoints go to OUTPUT.partial/checkpoints/ while training; at the end the final checkpoint,
+    metrics.jsonl and loss.png land in OUTPUT. Interrupted or crashed? Re-run with --resume.
+    """
+    from llmctl.stages import pretrain as stage
+
+    entries = tuple(tokens or ()) + tuple(data or ())
+    cfg = make_config(
+        stage.PretrainConfig, config, "pretrain", data=entries or None, model=model, d_model=d_model, n_layers=n_layers,
+        n_heads=n_heads, n_kv_heads=n_kv_heads, d_ff=d_ff, rope_theta=rope_theta, tie_embeddings=tie_embeddings,
+        seq_len=seq_len, batch_tokens=batch_tokens, micro_batch=micro_batch, max_steps=max_steps, tokens=tokens_budget,
+        lr=lr, min_lr=min_lr, warmup_steps=warmup_steps, weight_decay=weight_decay, grad_clip=grad_clip,
+        eval_every=eval_every, save_every=save_every, device=device, precision=precision, compile=compile,
+    )
+    show_config(cfg)
+    m = stage.run(output, cfg, force=force, resume=resume, progress=progress())
+    rows = {**m.counts, **{k: v for k, v in m.stats.items() if not isinstance(v, dict) and v is not None}}
+    rows["device"] = f"{m.stats['runtime']['device']} ({m.stats['runtime']['precision']})"
+    summary(f"pretrain -> {output}", rows)
+
+
+# -- inference -------------------------------------------------------------------------------------
+
+
+@app.command(epilog='Example: llmctl generate runs/base "def fibonacci(n):" --max-new-tokens 100 --temperature 0.7')
+@handle_errors
+def generate(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint directory.")],
+    prompt: Annotated[str, typer.Argument(help="Text to continue (use - to read it from stdin).")],
+    max_new_tokens: Annotated[Optional[int], typer.Option(help="Tokens to sample at most.")] = None,
+    temperature: Annotated[Optional[float], typer.Option(help="0 = greedy.")] = None,
+    top_k: Annotated[Optional[int], typer.Option(help="Keep the k most likely tokens (0 = off).")] = None,
+    top_p: Annotated[Optional[float], typer.Option(help="Nucleus sampling mass (1 = off).")] = None,
+    num_samples: Annotated[Optional[int], typer.Option(help="Independent samples (one batch).")] = None,
+    chat: Annotated[Optional[bool], typer.Option("--chat/--no-chat", help="Wrap the prompt in the chat template.")] = None,
+    system: Annotated[Optional[str], typer.Option(help="System message (with --chat).")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, mps.")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Sample a continuation of PROMPT from a checkpoint, streamed to stdout (KV cache)."""
+    from llmctl.stages import generate as stage
+
+    cfg = make_config(stage.GenerateConfig, config, "generate", max_new_tokens=max_new_tokens, temperature=temperature,
+                      top_k=top_k, top_p=top_p, num_samples=num_samples, chat=chat, system=system, device=device)
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    if cfg.num_samples == 1:
+        if not cfg.chat:
+            out.print(prompt, end="", markup=False, highlight=False, style="dim")
+        for _, piece in stage.run(checkpoint, prompt, cfg):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        return
+    texts = [""] * cfg.num_samples
+    for i, piece in stage.run(checkpoint, prompt, cfg):
+        texts[i] += piece
+    for i, t in enumerate(texts):
+        out.rule(f"sample {i + 1}")
+        out.print(prompt + t, markup=False, highlight=False)
+
+
+@app.command(epilog="Example: llmctl inspect data/tokens --head 2   |   llmctl inspect runs/base")
+@handle_errors
+def inspect(
+    artifact: Annotated[Path, typer.Argument(help="Any artifact directory, or a Parquet/JSONL file.")],
+    head: Annotated[int, typer.Option(help="Rows / documents to show.")] = 3,
+    max_chars: Annotated[int, typer.Option(help="Truncate texts to this many characters.")] = 400,
+    split: Annotated[str, typer.Option(help="Tokens: train or val.")] = "train",
+) -> None:
+    """Show an artifact's manifest summary and its first rows (documents decoded for token files)."""
+    from llmctl.stages import inspect as stage
+
+    ins = stage.run(artifact, head, max_chars, split)
+    summary(f"{ins.path}  [{ins.kind}]", ins.summary) if not STATE.quiet else None
+    for i, row in enumerate(ins.rows):
+        out.rule(f"row {i}")
+        for k, v in row.items():
+            out.print(f"[cyan]{k}[/cyan]: ", end="")
+            out.print(str(v), markup=False, highlight=False)
+
+
+# -- stages that later releases add ----------------------------------------------------------------
+
+PLANNED = {
+    "crawl-filter": "WARC/HTML -> clean text: language ID, quality and repetition filters, PII redaction",
+    "dedup": "exact and MinHash near-duplicate removal",
+    "sft": "supervised fine-tuning on conversations (loss on assistant tokens)",
+    "rm": "reward model from preference pairs (Bradley-Terry)",
+    "ppo": "RLHF with PPO against a reward model",
+    "eval": "perplexity, lm-evaluation-harness tasks, HumanEval, LLM-as-a-judge",
+    "chat": "interactive multi-turn chat in the terminal",
+    "export": "Hugging Face / GGUF export",
+}
+
+
+def _planned(name: str, what: str) -> None:
+    @app.command(name=name, help=f"(not yet available) {what}.", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+    def _cmd(ctx: typer.Context) -> None:
+        err.print(f"[bold red]error:[/bold red] `llmctl {name}` is not available yet in llmctl {__version__} ({what})")
+        err.print("[yellow]hint:[/yellow] see the README's roadmap; available now: corpus, tokenize, pretrain, generate, inspect")
+        raise typer.Exit(2)
+
+
+for _name, _what in PLANNED.items():
+    _planned(_name, _what)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,177 @@
+"""The one training loop, shared by pretrain and (later) sft and rm: they differ only in the batch
+function and the loss function they pass in.
+
+Per optimizer step: learning rate from a pure function of the step; `grad_accum` micro-batches, each
+loss divided by `grad_accum` before backward; gradient-norm clipping; a non-finite loss or gradient
+norm stops the run *before* the optimizer step, so the last saved checkpoint is the last good state;
+optimizer step; metrics appended to `metrics.jsonl`. A checkpoint is written before any evaluation,
+so an evaluation that fails (out of memory, say) never costs trained steps.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from llmctl.core.errors import TrainingError
+from llmctl.core.optim import lr_at
+from llmctl.core.progress import SILENT, Progress
+from llmctl.core.runtime import Runtime
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Step counts and optimisation knobs the loop needs."""
+
+    total_steps: int
+    grad_accum: int
+    lr: float
+    min_lr: float
+    warmup_steps: int
+    grad_clip: float
+    eval_every: int
+    save_every: int
+    tokens_per_step: int
+    flops_per_token: float = 0.0
+
+
+@dataclass
+class LoopResult:
+    """What the loop reports at the end."""
+
+    step: int
+    last_loss: float
+    last_val: dict[str, float] | None
+    tokens_per_s: float
+    seconds: float
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """All records of a metrics.jsonl (missing file: none)."""
+    if not Path(path).is_file():
+        return []
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop records after `step` (a resumed run rewrites what came after its checkpoint)."""
+    keep = [r for r in read_metrics(path) if r.get("step", 0) <= step]
+    Path(path).write_text("".join(json.dumps(r) + "\n" for r in keep))
+
+
+def train(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    runtime: Runtime,
+    schedule: Schedule,
+    *,
+    start_step: int,
+    batch: Callable[[int, int], Any],
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor],
+    save: Callable[[int], Path],
+    evaluate: Callable[[], dict[str, float]] | None = None,
+    metrics_path: Path | None = None,
+    progress: Progress = SILENT,
+) -> LoopResult:
+    """Run optimizer steps `start_step .. total_steps-1`.
+
+    Args:
+        model: The (possibly wrapped) model, in train mode.
+        optimizer: Its optimizer; the loop sets each group's lr every step.
+        runtime: Device and precision.
+        schedule: Step counts and knobs.
+        start_step: First step to run (0, or the resumed checkpoint's step).
+        batch: (step, micro) -> a micro-batch on the device.
+        loss_fn: (model, micro-batch) -> mean loss of the micro-batch.
+        save: Called with the number of completed steps; writes a checkpoint, returns its path.
+        evaluate: Returns validation metrics (e.g. {"val_loss": ...}); runs after the save.
+        metrics_path: metrics.jsonl to append to.
+        progress: Progress reporter.
+
+    Returns:
+        The final step, losses and throughput.
+
+    Raises:
+        TrainingError: The loss or gradient norm became non-finite.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    log = open(metrics_path, "a") if metrics_path else None
+    last_loss, last_val = float("nan"), None
+    t_start = time.perf_counter()
+    tokens_done = 0
+    last_saved: Path | None = None
+    progress.start("train", schedule.total_steps - start_step, "steps")
+    step = start_step
+    try:
+        for step in range(start_step, schedule.total_steps):
+            t0 = time.perf_counter()
+            lr = lr_at(step, lr=schedule.lr, min_lr=schedule.min_lr, warmup=schedule.warmup_steps, total=schedule.total_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum = torch.zeros((), device=runtime.device)
+            for micro in range(schedule.grad_accum):
+                mb = batch(step, micro)
+                with runtime.autocast():
+                    loss = loss_fn(model, mb) / schedule.grad_accum
+                loss.backward()
+                loss_sum += loss.detach()
+            clip = schedule.grad_clip if schedule.grad_clip > 0 else float("inf")
+            norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+            last_loss = float(loss_sum)
+            if not (math.isfinite(last_loss) and math.isfinite(norm)):
+                where = f"; the last good checkpoint is {last_saved}" if last_saved else ""
+                raise TrainingError(
+                    f"loss became {last_loss} (grad norm {norm}) at step {step + 1}{where}",
+                    "lower --lr, raise --warmup-steps or --grad-clip, then --resume",
+                )
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            runtime.synchronize()
+            dt = time.perf_counter() - t0
+            tokens_done += schedule.tokens_per_step
+            tps = schedule.tokens_per_step / dt
+            done = step + 1
+            rec: dict[str, Any] = {"step": done, "loss": round(last_loss, 5), "lr": lr, "grad_norm": round(norm, 5),
+                                   "tokens": done * schedule.tokens_per_step, "tokens_per_s": round(tps, 1),
+                                   "time": round(time.perf_counter() - t_start, 3)}
+            peak = runtime.peak_flops()
+            if peak and schedule.flops_per_token:
+                rec["mfu"] = round(tps * schedule.flops_per_token / (peak * runtime.world_size), 4)
+            if log:
+                log.write(json.dumps(rec) + "\n")
+                log.flush()
+            fields = {"loss": last_loss, "tok/s": tps}
+            if "mfu" in rec:
+                fields["mfu"] = rec["mfu"]
+            progress.advance(1, **fields)
+            final = done == schedule.total_steps
+            if (schedule.save_every and done % schedule.save_every == 0) or final:
+                last_saved = save(done)
+            if evaluate is not None and ((schedule.eval_every and done % schedule.eval_every == 0) or final):
+                model.eval()
+                with torch.no_grad(), runtime.autocast():
+                    last_val = evaluate()
+                model.train()
+                if log:
+                    log.write(json.dumps({"step": done, **{k: round(v, 5) for k, v in last_val.items()}}) + "\n")
+                    log.flush()
+                progress.log(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in last_val.items()))
+    except KeyboardInterrupt:
+        # Keep what was trained: a checkpoint at the last completed step, then let the CLI explain.
+        if step > start_step:
+            save(step)
+        raise
+    finally:
+        progress.stop()
+        if log:
+            log.close()
+    seconds = time.perf_counter() - t_start
+    return LoopResult(schedule.total_steps, last_loss, last_val, tokens_done / max(seconds, 1e-9), seconds)

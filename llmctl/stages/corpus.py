@@ -1,0 +1,128 @@
+"""corpus: build the embedded default corpus, with no download, from text every Python install ships.
+
+Three kinds of documents, all from the running interpreter's standard library:
+    topics      the documentation topics that `help()` shows (`pydoc_data.topics`): reference prose
+    docstrings  per module: the module docstring plus each class and function docstring, as prose
+    code        the source of each module
+
+Test suites (`test/`, `tests/`, `idle_test/`) and site-packages are left out. Files are visited in
+sorted order, so the output is byte-identical for the same Python version (recorded in the manifest).
+Columns: id, text, source (topics|docstrings|code), path.
+"""
+
+from __future__ import annotations
+
+import ast
+import sys
+import sysconfig
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Literal
+
+import pyarrow as pa
+
+from llmctl.core.artifacts import Manifest, commit_output
+from llmctl.core.config import require, to_dict
+from llmctl.core.docs import DocWriter
+from llmctl.core.progress import SILENT, Progress
+
+SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__"}
+
+
+@dataclass(frozen=True, kw_only=True)
+class CorpusConfig:
+    """Settings of `llmctl corpus`."""
+
+    source: Literal["stdlib"] = "stdlib"  # the only embedded source so far
+    kinds: tuple[str, ...] = ("topics", "docstrings", "code")  # which document kinds to emit
+    max_docs: int = 0  # stop after this many documents (0 = all)
+    seed: int = 0  # unused (the corpus is deterministic); kept for a uniform manifest
+
+    def __post_init__(self) -> None:
+        bad = set(self.kinds) - {"topics", "docstrings", "code"}
+        require(not bad, f"--kinds: unknown kind(s) {', '.join(sorted(bad))} (choose topics, docstrings, code)")
+        require(self.max_docs >= 0, f"--max-docs must be >= 0, got {self.max_docs}")
+
+
+def stdlib_files() -> list[Path]:
+    """The stdlib's .py files, sorted, without tests and site-packages."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    return sorted(p for p in root.rglob("*.py") if not SKIP_DIRS & set(p.relative_to(root).parts))
+
+
+def _docstrings(tree: ast.Module, module: str) -> str:
+    parts = []
+    doc = ast.get_docstring(tree)
+    if doc:
+        parts.append(f"{module}\n\n{doc}")
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            d = ast.get_docstring(node)
+            if d and not node.name.startswith("_"):
+                parts.append(f"{module}.{node.name}\n\n{d}")
+    return "\n\n".join(parts)
+
+
+def documents(cfg: CorpusConfig) -> Iterator[dict[str, str]]:
+    """Yield {id, text, source, path} rows in a fixed order."""
+    if "topics" in cfg.kinds:
+        from pydoc_data.topics import topics
+
+        for name in sorted(topics):
+            yield {"id": f"topics/{name}", "text": topics[name], "source": "topics", "path": f"pydoc_data.topics:{name}"}
+    root = Path(sysconfig.get_paths()["stdlib"])
+    for path in stdlib_files():
+        rel = path.relative_to(root).as_posix()
+        try:
+            code = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue  # a few stdlib files are deliberately not UTF-8
+        module = rel[:-3].replace("/", ".").removesuffix(".__init__")
+        if "docstrings" in cfg.kinds:
+            try:
+                text = _docstrings(ast.parse(code), module)
+            except (SyntaxError, ValueError):
+                text = ""
+            if text:
+                yield {"id": f"docstrings/{rel}", "text": text, "source": "docstrings", "path": rel}
+        if "code" in cfg.kinds and code.strip():
+            yield {"id": f"code/{rel}", "text": code, "source": "code", "path": rel}
+
+
+def run(dst: Path | str, cfg: CorpusConfig, *, force: bool = False, progress: Progress = SILENT,
+        stdout: BinaryIO | None = None) -> Manifest | None:
+    """Write the corpus as a docs artifact at `dst`, or as an Arrow stream when `dst` is "-".
+
+    Returns:
+        The manifest (None for a stream, which has no manifest).
+    """
+    if str(dst) == "-":
+        writer = DocWriter(stdout or sys.stdout.buffer)
+        _write(writer, cfg, progress)
+        writer.close()
+        return None
+    with commit_output(Path(dst), kind="docs", stage="corpus", config=to_dict(cfg), inputs=[], force=force) as out:
+        writer = DocWriter(out.path)
+        _write(writer, cfg, progress)
+        writer.close()
+        out.manifest.counts = {"documents": writer.rows, "bytes": writer.bytes, "shards": writer.shards}
+        out.manifest.stats = {"python": sys.version.split()[0], "stdlib": sysconfig.get_paths()["stdlib"]}
+    return out.manifest
+
+
+def _write(writer: DocWriter, cfg: CorpusConfig, progress: Progress) -> None:
+    rows: list[dict[str, str]] = []
+    progress.start("build corpus", cfg.max_docs or None, "docs")
+    for n, doc in enumerate(documents(cfg), 1):
+        rows.append(doc)
+        if len(rows) >= 512:
+            writer.write(pa.RecordBatch.from_pylist(rows))
+            progress.advance(len(rows))
+            rows = []
+        if cfg.max_docs and n >= cfg.max_docs:
+            break
+    if rows:
+        writer.write(pa.RecordBatch.from_pylist(rows))
+        progress.advance(len(rows))
+    progress.stop()

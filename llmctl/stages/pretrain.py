@@ -1,0 +1,294 @@
+"""pretrain: tokens -> checkpoint. Next-token training of the Llama-style decoder from scratch.
+
+Data: one or more tokens artifacts (mixed by weight, `--data PATH=WEIGHT`), sampled as random
+contiguous windows (core/batches.py): the batch at step s is a pure function of (seed, s).
+Optimisation: AdamW (decay on matrices only, core/optim.py), linear warmup then cosine decay to
+`min_lr`, gradient accumulation up to `batch_tokens` per step, gradient clipping, bf16 autocast where
+the hardware has it. Run directory while training: `<out>.partial/` with `checkpoints/step-N/` every
+`save_every` steps and `metrics.jsonl`; at the end the final checkpoint, `loss.png` and the manifest
+are written and the directory is renamed to `<out>`. `--resume` continues from the newest checkpoint
+in `<out>.partial/` and reproduces the uninterrupted run's losses exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from llmctl.core.artifacts import Manifest, commit_output, input_record, is_artifact, partial_path
+from llmctl.core.batches import Source, WindowSampler, val_windows
+from llmctl.core.checkpoint import load_trainer_state, save_checkpoint, write_checkpoint_files
+from llmctl.core.config import require, to_dict
+from llmctl.core.errors import ConfigError, InputError
+from llmctl.core.model import ModelConfig, Transformer, chinchilla_tokens, flops_per_token, param_count, preset
+from llmctl.core.optim import make_adamw
+from llmctl.core.plots import plot_metrics
+from llmctl.core.progress import SILENT, Progress
+from llmctl.core.runtime import Runtime
+from llmctl.core.tokenizer import Tokenizer
+from llmctl.core.tokens import IndexedDataset
+from llmctl.core.train_loop import Schedule, read_metrics, train, truncate_metrics
+
+# Fields that change the trajectory: a resumed run must agree on these to reproduce the losses.
+TRAJECTORY = ("data", "model", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "rope_theta",
+              "tie_embeddings", "seq_len", "batch_tokens", "micro_batch", "lr", "min_lr", "warmup_steps",
+              "weight_decay", "beta1", "beta2", "grad_clip", "seed", "precision")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PretrainConfig:
+    """Settings of `llmctl pretrain`."""
+
+    data: tuple[str, ...] = ()  # tokens artifacts, each "PATH" or "PATH=WEIGHT"
+    model: str = "tiny"  # preset: tiny, 124m, 350m, 1b, 7b
+    d_model: int | None = None  # override the preset's width
+    n_layers: int | None = None  # override the preset's depth
+    n_heads: int | None = None  # override the preset's query heads
+    n_kv_heads: int | None = None  # override the preset's key/value heads
+    d_ff: int | None = None  # override the preset's MLP width
+    rope_theta: float | None = None  # override the preset's RoPE base
+    tie_embeddings: bool | None = None  # override the preset's head tying
+    seq_len: int = 256  # training context (tokens per row)
+    batch_tokens: int = 16384  # tokens per optimizer step, all ranks and micro-steps together
+    micro_batch: int = 16  # rows per forward pass on each rank
+    max_steps: int | None = None  # optimizer steps; overrides `tokens`
+    tokens: str = "auto"  # tokens to train on: a number (1e9, 2_000_000) or "auto" (Chinchilla, 20 per parameter)
+    lr: float = 3e-3  # peak learning rate
+    min_lr: float | None = None  # floor of the cosine decay (default lr / 10)
+    warmup_steps: int = 100  # linear warmup steps (capped at a tenth of the run)
+    weight_decay: float = 0.1  # AdamW decay on matrices (norm gains get none)
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.95  # AdamW beta2
+    grad_clip: float = 1.0  # max global gradient norm (0 = off)
+    eval_every: int = 100  # steps between validation runs (0 = only at the end)
+    eval_rows: int = 64  # validation windows per evaluation
+    save_every: int = 200  # steps between checkpoints (0 = only at the end)
+    keep_checkpoints: int = 2  # newest intermediate checkpoints kept
+    device: str = "auto"  # auto, cpu, cuda, cuda:1, mps
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto = bf16 where the hardware supports it
+    compile: bool = False  # torch.compile the model
+    seed: int = 0  # initialisation and data order
+
+    def __post_init__(self) -> None:
+        require(len(self.data) > 0, "no training data: pass a tokens directory (or --data PATH=WEIGHT)")
+        require(self.seq_len >= 8, f"--seq-len must be >= 8, got {self.seq_len}")
+        require(self.micro_batch >= 1, f"--micro-batch must be >= 1, got {self.micro_batch}")
+        require(self.lr > 0, f"--lr must be > 0, got {self.lr}")
+        require(self.max_steps is None or self.max_steps >= 1, f"--max-steps must be >= 1, got {self.max_steps}")
+        require(self.warmup_steps >= 0, f"--warmup-steps must be >= 0, got {self.warmup_steps}")
+        require(self.keep_checkpoints >= 1, f"--keep-checkpoints must be >= 1, got {self.keep_checkpoints}")
+        if self.tokens != "auto":
+            try:
+                require(float(self.tokens) > 0, f"--tokens must be > 0 or 'auto', got {self.tokens}")
+            except ValueError:
+                raise ConfigError(f"--tokens must be a number or 'auto', got {self.tokens!r}") from None
+
+    def model_config(self, vocab_size: int) -> ModelConfig:
+        """The preset with this run's overrides and the tokenizer's vocabulary."""
+        over = {f: getattr(self, f) for f in ("d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "rope_theta", "tie_embeddings")
+                if getattr(self, f) is not None}
+        base = preset(self.model, vocab_size=vocab_size, **over)
+        return base.replace(max_seq_len=max(base.max_seq_len, self.seq_len))
+
+
+def parse_data(entries: tuple[str, ...]) -> list[tuple[str, float]]:
+    """["a/=0.7", "b/"] -> [("a/", 0.7), ("b/", 1.0)]."""
+    out = []
+    for e in entries:
+        path, sep, w = e.rpartition("=") if "=" in e else (e, "", "1")
+        try:
+            weight = float(w)
+        except ValueError:
+            raise ConfigError(f"--data {e!r}: weight {w!r} is not a number", "use PATH=WEIGHT, e.g. --data web/=0.7") from None
+        require(weight > 0, f"--data {e!r}: weight must be > 0")
+        out.append((path if sep else e, weight))
+    return out
+
+
+@dataclass
+class _Data:
+    sampler: WindowSampler
+    val: list[tuple[str, float, IndexedDataset]]
+    tokenizer: Tokenizer
+    inputs: list[dict]
+    unigram: float | None
+
+
+def _open_data(cfg: PretrainConfig) -> _Data:
+    sources, val, inputs, tok, unigram = [], [], [], None, []
+    for path, weight in parse_data(cfg.data):
+        p = Path(path)
+        if not is_artifact(p, "tokens"):
+            kind = Manifest.read(p).kind if is_artifact(p) else None
+            what = f"a {kind} artifact" if kind else "not a tokens artifact"
+            raise InputError(f"{p} is {what}", f"tokenize it first: llmctl tokenize DOCS -o {p}")
+        m = Manifest.read(p)
+        t = Tokenizer.load(p)
+        if tok is None:
+            tok = t
+        elif t.fingerprint != tok.fingerprint:
+            raise InputError(f"{p} uses tokenizer {t.fingerprint}, {cfg.data[0]} uses {tok.fingerprint}",
+                             f"re-tokenize with one tokenizer: llmctl tokenize DOCS -o {p} --tokenizer {parse_data(cfg.data)[0][0]}")
+        train_ds = IndexedDataset(p / "train")
+        if train_ds.n_tokens <= cfg.seq_len + 1:
+            raise InputError(f"{p} has {train_ds.n_tokens} training tokens, fewer than one {cfg.seq_len}-token window",
+                             "add data or lower --seq-len")
+        sources.append(Source(str(p), train_ds, weight))
+        val.append((str(p), weight, IndexedDataset(p / "val")))
+        inputs.append(input_record(p, "tokens"))
+        if "unigram_loss_val" in m.stats:
+            unigram.append((weight, m.stats["unigram_loss_val"]))
+    assert tok is not None
+    ubase = sum(w * u for w, u in unigram) / sum(w for w, _ in unigram) if unigram and len(unigram) == len(sources) else None
+    return _Data(WindowSampler(sources, cfg.seq_len, cfg.seed), val, tok, inputs, ubase)
+
+
+def plan(cfg: PretrainConfig, vocab_size: int, world_size: int = 1) -> dict:
+    """Steps, accumulation and token budget of a run (raises ConfigError when they do not fit)."""
+    mcfg = cfg.model_config(vocab_size)
+    rows = cfg.micro_batch * cfg.seq_len * world_size
+    if cfg.batch_tokens % rows:
+        raise ConfigError(
+            f"--batch-tokens {cfg.batch_tokens} is not a multiple of micro-batch x seq-len x ranks = {rows}",
+            f"use --batch-tokens {max(rows, round(cfg.batch_tokens / rows) * rows)}",
+        )
+    accum = cfg.batch_tokens // rows
+    budget = chinchilla_tokens(mcfg) if cfg.tokens == "auto" else int(float(cfg.tokens))
+    steps = cfg.max_steps or max(1, math.ceil(budget / cfg.batch_tokens))
+    return {"model": mcfg, "grad_accum": accum, "steps": steps, "tokens": steps * cfg.batch_tokens,
+            "params": param_count(mcfg), "flops_per_token": flops_per_token(mcfg, cfg.seq_len)}
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """Newest complete `checkpoints/step-N` in a run directory."""
+    ckpts = sorted((run_dir / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    ckpts = [c for c in ckpts if is_artifact(c)]
+    return ckpts[-1] if ckpts else None
+
+
+def run(dst: Path, cfg: PretrainConfig, *, force: bool = False, resume: bool = False, progress: Progress = SILENT,
+        runtime: Runtime | None = None) -> Manifest:
+    """Train a model on tokens artifacts and write the final checkpoint to `dst`.
+
+    Raises:
+        InputError: Bad data or checkpoint; ConfigError: inconsistent settings;
+        TrainingError: the loss became non-finite (the last checkpoint stays in `<dst>.partial`).
+    """
+    dst = Path(dst)
+    rt = runtime or Runtime.detect(cfg.device, cfg.precision)
+    data = _open_data(cfg)
+    p = plan(cfg, data.tokenizer.vocab_size, rt.world_size)
+    mcfg: ModelConfig = p["model"]
+    torch.manual_seed(cfg.seed)
+    model = Transformer(mcfg).to(rt.device)
+    opt = make_adamw(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
+    run_dir = partial_path(dst)
+    start, resumed_from = 0, None
+    if resume:
+        start, resumed_from = _resume(run_dir, cfg, model, opt, rt)
+    with commit_output(dst, kind="checkpoint", stage="pretrain", config=to_dict(cfg), inputs=data.inputs, force=force,
+                       keep_partial_on_error=True, fresh=not resume) as out:
+        (out.path / "checkpoints").mkdir(exist_ok=True)
+        metrics = out.path / "metrics.jsonl"
+        if resume:
+            truncate_metrics(metrics, start)
+        val_sets = [(name, w, val_windows(ds, cfg.seq_len, cfg.eval_rows)) for name, w, ds in data.val]
+        val_sets = [v for v in val_sets if len(v[2])]
+        if not val_sets:
+            progress.log("no validation tokens (tokenize with a larger --val-fraction): validation is skipped")
+        train_model = torch.compile(model) if cfg.compile else model
+        schedule = Schedule(
+            total_steps=p["steps"], grad_accum=p["grad_accum"], lr=cfg.lr,
+            min_lr=cfg.min_lr if cfg.min_lr is not None else cfg.lr / 10,
+            warmup_steps=min(cfg.warmup_steps, p["steps"] // 10 + 1), grad_clip=cfg.grad_clip,
+            eval_every=cfg.eval_every, save_every=cfg.save_every, tokens_per_step=cfg.batch_tokens,
+            flops_per_token=p["flops_per_token"],
+        )
+        micro_rows = cfg.micro_batch
+
+        def batch(step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+            x, y = data.sampler.rows(step, micro, micro_rows, rt.rank, rt.world_size)
+            return x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
+
+        def save(done: int) -> Path:
+            path = out.path / "checkpoints" / f"step-{done:07d}"
+            m = Manifest(kind="checkpoint", stage="pretrain", config=to_dict(cfg), inputs=data.inputs,
+                         counts={"steps": done, "tokens": done * cfg.batch_tokens})
+            save_checkpoint(path, model, data.tokenizer, optimizer=opt, manifest=m,
+                            trainer_state={"step": done, "config": to_dict(cfg)})
+            for old in sorted((out.path / "checkpoints").glob("step-*"))[: -cfg.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+            return path
+
+        def evaluate() -> dict[str, float]:
+            res, total = {}, 0.0
+            for name, w, windows in val_sets:
+                losses = []
+                for i in range(0, len(windows), micro_rows):
+                    chunk = windows[i : i + micro_rows].to(rt.device)
+                    logits = model(chunk[:, :-1])
+                    losses.append(F.cross_entropy(logits.float().flatten(0, 1), chunk[:, 1:].flatten(), reduction="sum"))
+                loss = float(sum(losses)) / windows[:, 1:].numel()
+                res[f"val_loss/{Path(name).name}" if len(val_sets) > 1 else "val_loss"] = loss
+                total += w * loss
+            if len(val_sets) > 1:
+                res["val_loss"] = total / sum(w for _, w, _ in val_sets)
+            return res
+
+        t0 = time.perf_counter()
+        model.train()
+        result = train(train_model, opt, rt, schedule, start_step=start, batch=batch, loss_fn=lm_loss, save=save,
+                       evaluate=evaluate if val_sets else None, metrics_path=metrics, progress=progress)
+        write_checkpoint_files(out.path, model, data.tokenizer, optimizer=opt,
+                               trainer_state={"step": result.step, "config": to_dict(cfg)})
+        records = read_metrics(metrics)
+        plot_metrics(records, out.path / "loss.png", title=f"pretrain {dst.name}", baseline=data.unigram)
+        out.manifest.tokenizer = {"fingerprint": data.tokenizer.fingerprint, "vocab_size": data.tokenizer.vocab_size}
+        out.manifest.counts = {"steps": result.step, "tokens": result.step * cfg.batch_tokens, "params": p["params"]}
+        out.manifest.stats = {
+            "train_loss": round(result.last_loss, 5),
+            **{k: round(v, 5) for k, v in (result.last_val or {}).items()},
+            "unigram_loss_val": data.unigram,
+            "tokens_per_s": round(result.tokens_per_s, 1),
+            "train_seconds": round(time.perf_counter() - t0, 2),
+            "resumed_from_step": start if resumed_from else None,
+            "runtime": rt.describe(),
+            "model": mcfg.to_dict(),
+        }
+    return out.manifest
+
+
+def lm_loss(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Mean next-token cross-entropy (computed in fp32 for stability under autocast)."""
+    x, y = batch
+    logits = model(x)
+    return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+
+
+def _resume(run_dir: Path, cfg: PretrainConfig, model: Transformer, opt: torch.optim.Optimizer, rt: Runtime) -> tuple[int, Path]:
+    ckpt = latest_checkpoint(run_dir) if run_dir.is_dir() else None
+    if ckpt is None:
+        raise InputError(f"nothing to resume: no checkpoint in {run_dir / 'checkpoints'}", "run without --resume")
+    from llmctl.core.checkpoint import load_checkpoint
+
+    loaded = load_checkpoint(ckpt, device=rt.device)
+    if loaded.model.cfg != model.cfg:
+        raise ConfigError(f"{ckpt} has a different model shape than this run's flags", "resume with the original flags")
+    model.load_state_dict(loaded.model.state_dict())
+    state = load_trainer_state(ckpt, opt)
+    saved = state.get("config", {})
+    names = {f.name for f in fields(PretrainConfig)}
+    diff = [k for k in TRAJECTORY if k in names and k in saved and to_dict(cfg)[k] != saved[k]]
+    if diff:
+        raise ConfigError(
+            f"--resume with different settings than the run being resumed: {', '.join(diff)}",
+            "pass the original flags (they are in " + str(ckpt / "trainer_state.json") + ")",
+        )
+    return int(state["step"]), ckpt
