@@ -243,6 +243,7 @@ def pretrain(
     output: OutOpt = Path("runs/base"),
     data: Annotated[Optional[list[str]], typer.Option(help="Tokens dir with a mixture weight, PATH=WEIGHT (repeatable).")] = None,
     model: Annotated[Optional[str], typer.Option(help="Preset: tiny, 124m, 350m, 1b, 7b.")] = None,
+    init: Annotated[Optional[str], typer.Option(help="Start from this checkpoint's weights (its tokenizer must match the tokens').")] = None,
     d_model: Annotated[Optional[int], typer.Option(help="Override the preset's width.")] = None,
     n_layers: Annotated[Optional[int], typer.Option(help="Override the preset's depth.")] = None,
     n_heads: Annotated[Optional[int], typer.Option(help="Override the preset's query heads.")] = None,
@@ -279,7 +280,7 @@ def pretrain(
 
     entries = tuple(tokens or ()) + tuple(data or ())
     cfg = make_config(
-        stage.PretrainConfig, config, "pretrain", data=entries or None, model=model, d_model=d_model, n_layers=n_layers,
+        stage.PretrainConfig, config, "pretrain", data=entries or None, init=init, model=model, d_model=d_model, n_layers=n_layers,
         n_heads=n_heads, n_kv_heads=n_kv_heads, d_ff=d_ff, rope_theta=rope_theta, tie_embeddings=tie_embeddings,
         seq_len=seq_len, batch_tokens=batch_tokens, micro_batch=micro_batch, max_steps=max_steps, tokens=tokens_budget,
         lr=lr, min_lr=min_lr, warmup_steps=warmup_steps, weight_decay=weight_decay, grad_clip=grad_clip,

@@ -119,7 +119,10 @@ def from_hf_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[st
             )
         return sd[name]
 
-    out = {"embed.weight": get("model.embed_tokens.weight"), "norm.weight": get("model.norm.weight")}
+    out = {
+        "embed.weight": get("model.embed_tokens.weight"),
+        "norm.weight": get("model.norm.weight"),
+    }
     # A tied HF checkpoint usually omits lm_head.weight; an untied one must have it.
     out["lm_head.weight"] = out["embed.weight"] if cfg.tie_embeddings else get("lm_head.weight")
     for i in range(cfg.n_layers):

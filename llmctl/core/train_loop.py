@@ -109,7 +109,7 @@ def train(
     tokens_done = 0
     last_saved: Path | None = None
     progress.start("train", schedule.total_steps - start_step, "steps")
-    step = start_step
+    completed, saved_at = start_step, start_step  # steps whose optimizer update is applied / on disk
     try:
         for step in range(start_step, schedule.total_steps):
             t0 = time.perf_counter()
@@ -134,6 +134,7 @@ def train(
                 )
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            completed = step + 1
             runtime.synchronize()
             dt = time.perf_counter() - t0
             tokens_done += schedule.tokens_per_step
@@ -154,7 +155,7 @@ def train(
             progress.advance(1, **fields)
             final = done == schedule.total_steps
             if (schedule.save_every and done % schedule.save_every == 0) or final:
-                last_saved = save(done)
+                last_saved, saved_at = save(done), done
             if evaluate is not None and ((schedule.eval_every and done % schedule.eval_every == 0) or final):
                 model.eval()
                 with torch.no_grad(), runtime.autocast():
@@ -166,8 +167,8 @@ def train(
                 progress.log(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in last_val.items()))
     except KeyboardInterrupt:
         # Keep what was trained: a checkpoint at the last completed step, then let the CLI explain.
-        if step > start_step:
-            save(step)
+        if completed > saved_at:
+            save(completed)
         raise
     finally:
         progress.stop()

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from llmctl.core.artifacts import Manifest, commit_output, input_record, is_artifact, partial_path
 from llmctl.core.batches import Source, WindowSampler, val_windows
-from llmctl.core.checkpoint import load_trainer_state, save_checkpoint, write_checkpoint_files
+from llmctl.core.checkpoint import load_checkpoint, load_trainer_state, save_checkpoint, write_checkpoint_files
 from llmctl.core.config import require, to_dict
 from llmctl.core.errors import ConfigError, InputError
 from llmctl.core.model import ModelConfig, Transformer, chinchilla_tokens, flops_per_token, param_count, preset
@@ -37,7 +37,7 @@ from llmctl.core.tokens import IndexedDataset
 from llmctl.core.train_loop import Schedule, read_metrics, train, truncate_metrics
 
 # Fields that change the trajectory: a resumed run must agree on these to reproduce the losses.
-TRAJECTORY = ("data", "model", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "rope_theta",
+TRAJECTORY = ("data", "init", "model", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "rope_theta",
               "tie_embeddings", "seq_len", "batch_tokens", "micro_batch", "lr", "min_lr", "warmup_steps",
               "weight_decay", "beta1", "beta2", "grad_clip", "seed", "precision")
 
@@ -47,6 +47,7 @@ class PretrainConfig:
     """Settings of `llmctl pretrain`."""
 
     data: tuple[str, ...] = ()  # tokens artifacts, each "PATH" or "PATH=WEIGHT"
+    init: str | None = None  # start from this checkpoint's weights (continued pretraining); its shape wins
     model: str = "tiny"  # preset: tiny, 124m, 350m, 1b, 7b
     d_model: int | None = None  # override the preset's width
     n_layers: int | None = None  # override the preset's depth
@@ -185,9 +186,17 @@ def run(dst: Path, cfg: PretrainConfig, *, force: bool = False, resume: bool = F
     rt = runtime or Runtime.detect(cfg.device, cfg.precision)
     data = _open_data(cfg)
     p = plan(cfg, data.tokenizer.vocab_size, rt.world_size)
-    mcfg: ModelConfig = p["model"]
     torch.manual_seed(cfg.seed)
-    model = Transformer(mcfg).to(rt.device)
+    if cfg.init:
+        # The tokens must be encoded with the checkpoint's tokenizer: load_checkpoint checks fingerprints.
+        model = load_checkpoint(Path(cfg.init), device=rt.device, tokenizer=data.tokenizer).model.train()
+        data.inputs.append(input_record(cfg.init, "checkpoint"))
+        p = {**p, "model": model.cfg, "params": param_count(model.cfg), "flops_per_token": flops_per_token(model.cfg, cfg.seq_len)}
+        if cfg.seq_len > model.cfg.max_seq_len:
+            raise ConfigError(f"--seq-len {cfg.seq_len} exceeds {cfg.init}'s context ({model.cfg.max_seq_len})")
+    else:
+        model = Transformer(p["model"]).to(rt.device)
+    mcfg: ModelConfig = model.cfg
     opt = make_adamw(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
     run_dir = partial_path(dst)
     start, resumed_from = 0, None
@@ -276,8 +285,6 @@ def _resume(run_dir: Path, cfg: PretrainConfig, model: Transformer, opt: torch.o
     ckpt = latest_checkpoint(run_dir) if run_dir.is_dir() else None
     if ckpt is None:
         raise InputError(f"nothing to resume: no checkpoint in {run_dir / 'checkpoints'}", "run without --resume")
-    from llmctl.core.checkpoint import load_checkpoint
-
     loaded = load_checkpoint(ckpt, device=rt.device)
     if loaded.model.cfg != model.cfg:
         raise ConfigError(f"{ckpt} has a different model shape than this run's flags", "resume with the original flags")
