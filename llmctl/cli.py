@@ -20,6 +20,7 @@ from typing import Annotated, Any, Optional, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -91,7 +92,7 @@ class RichProgress:
 
     def log(self, message: str) -> None:
         if self.enabled:
-            (self._p.console if self._p else err).print(f"[dim]{message}[/dim]")
+            (self._p.console if self._p else err).print(f"[dim]{escape(message)}[/dim]")
 
     def stop(self) -> None:
         if self._p:
@@ -114,9 +115,9 @@ def handle_errors(fn: F) -> F:
         except LlmctlError as e:
             if STATE.debug:
                 err.print_exception()
-            err.print(f"[bold red]error:[/bold red] {e.problem}", markup=True, highlight=False, soft_wrap=True)
+            err.print(f"[bold red]error:[/bold red] {escape(e.problem)}", markup=True, highlight=False, soft_wrap=True)
             if e.hint:
-                err.print(f"[yellow]hint:[/yellow] {e.hint}", highlight=False, soft_wrap=True)
+                err.print(f"[yellow]hint:[/yellow] {escape(e.hint)}", highlight=False, soft_wrap=True)
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:
             err.print("[yellow]interrupted[/yellow] (a checkpointing stage saved its last completed step; re-run with --resume)")

@@ -137,9 +137,7 @@ class DocSource:
         if s == ".jsonl.gz":
             return gzip.open(f, "rb")  # type: ignore[return-value]
         if s == ".jsonl.zst":
-            import zstandard
-
-            return zstandard.ZstdDecompressor().stream_reader(open(f, "rb"))  # type: ignore[return-value]
+            return _ZstdFile(f)  # type: ignore[return-value]
         return open(f, "rb")
 
     def _jsonl_batches(self, f: Path) -> Iterator[pa.RecordBatch]:
@@ -210,6 +208,55 @@ class DocSource:
             names = batch.schema.names
             i = names.index(self.text_column)
         return batch.set_column(i, "text", col)
+
+
+class _ZstdFile(io.RawIOBase):
+    """Decompressed bytes of a .zst file (one or more frames) that raises EOFError when the file ends
+    inside a frame. zstandard's `stream_reader` returns the frames' data up to the cut and then a
+    clean EOF, so a truncated download would silently lose its tail; gzip raises, and so does this."""
+
+    def __init__(self, path: Path) -> None:
+        import zstandard
+
+        self._dctx = zstandard.ZstdDecompressor()
+        self._dobj = self._dctx.decompressobj()
+        self._file = open(path, "rb")  # noqa: SIM115 - closed in close()
+        self._in_frame = False  # the current frame has been fed bytes but has not ended
+        self._out = b""
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: bytearray | memoryview) -> int:
+        while self._pos == len(self._out):
+            chunk = self._file.read(1 << 16)
+            if not chunk:
+                if self._in_frame:
+                    raise EOFError("the file ends inside a zstd frame")
+                return 0
+            self._out, self._pos = self._feed(chunk), 0
+        n = min(len(b), len(self._out) - self._pos)
+        b[:n] = self._out[self._pos : self._pos + n]
+        self._pos += n
+        return n
+
+    def _feed(self, chunk: bytes) -> bytes:
+        out = []
+        while chunk:
+            self._in_frame = True
+            out.append(self._dobj.decompress(chunk))
+            if not self._dobj.eof:
+                break
+            # A frame ended inside this chunk; what follows it starts the next frame.
+            chunk = self._dobj.unused_data
+            self._dobj = self._dctx.decompressobj()
+            self._in_frame = False
+        return b"".join(out)
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
 
 
 def _rows_to_batch(rows: list[dict[str, Any]], f: Path) -> pa.RecordBatch:
