@@ -16,12 +16,20 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Optional, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from llmctl import __version__
@@ -71,8 +79,15 @@ class RichProgress:
         if not self.enabled:
             return
         self.stop()
-        cols = [SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("{task.fields[rate]}"), TextColumn("{task.fields[info]}"), TimeElapsedColumn()]
+        cols = [
+            SpinnerColumn(),
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]}"),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+        ]
         if total:
             cols.append(TimeRemainingColumn())
         self._p = Progress(*cols, console=err, transient=False)
@@ -87,7 +102,9 @@ class RichProgress:
         task = self._p.tasks[0]
         done = task.completed + n
         rate = done / max(time.perf_counter() - self._t0, 1e-9)
-        info = "  ".join(f"{k} {v:,.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in fields.items())
+        info = "  ".join(
+            f"{k} {v:,.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in fields.items()
+        )
         self._p.update(self._task, advance=n, rate=f"{rate:,.1f} {self._unit}/s", info=info)
 
     def log(self, message: str) -> None:
@@ -115,12 +132,21 @@ def handle_errors(fn: F) -> F:
         except LlmctlError as e:
             if STATE.debug:
                 err.print_exception()
-            err.print(f"[bold red]error:[/bold red] {escape(e.problem)}", markup=True, highlight=False, soft_wrap=True)
+            err.print(
+                f"[bold red]error:[/bold red] {escape(e.problem)}",
+                markup=True,
+                highlight=False,
+                soft_wrap=True,
+            )
             if e.hint:
-                err.print(f"[yellow]hint:[/yellow] {escape(e.hint)}", highlight=False, soft_wrap=True)
+                err.print(
+                    f"[yellow]hint:[/yellow] {escape(e.hint)}", highlight=False, soft_wrap=True
+                )
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:
-            err.print("[yellow]interrupted[/yellow] (a checkpointing stage saved its last completed step; re-run with --resume)")
+            err.print(
+                "[yellow]interrupted[/yellow] (a checkpointing stage saved its last completed step; re-run with --resume)"
+            )
             raise typer.Exit(130) from None
 
     return wrapper  # type: ignore[return-value]
@@ -142,8 +168,10 @@ def summary(title: str, rows: dict[str, Any]) -> None:
     t.add_column(style="cyan")
     t.add_column(overflow="fold")
     for k, v in rows.items():
-        if isinstance(v, float):
-            v = f"{v:,.4f}" if abs(v) < 1000 else f"{v:,.0f}"
+        if isinstance(v, bool) or v is None:
+            v = str(v)
+        elif isinstance(v, float):
+            v = f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.4g}" if abs(v) < 0.01 else f"{v:,.4f}"
         elif isinstance(v, int):
             v = f"{v:,}"
         t.add_row(k, str(v))
@@ -156,18 +184,34 @@ def show_config(cfg: Any) -> None:
 
 
 # Shared option types (defined once).
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML file; its [STAGE] table sets defaults that flags override.")]
-ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing output (only once the new one is complete).")]
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--config", "-c", help="TOML file; its [STAGE] table sets defaults that flags override."
+    ),
+]
+ForceOpt = Annotated[
+    bool,
+    typer.Option("--force", help="Replace an existing output (only once the new one is complete)."),
+]
 OutOpt = Annotated[Path, typer.Option("--output", "-o", help="Output directory.")]
 
 
 @app.callback(invoke_without_command=True)
 def _global(
     version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
-    seed: Annotated[Optional[int], typer.Option("--seed", help="Seed for every stage (overrides the config file).")] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or tables; errors only.")] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Also print each stage's resolved config.")] = False,
-    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors (or set LLMCTL_DEBUG=1).")] = False,
+    seed: Annotated[
+        int | None, typer.Option("--seed", help="Seed for every stage (overrides the config file).")
+    ] = None,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="No progress bars or tables; errors only.")
+    ] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Also print each stage's resolved config.")
+    ] = False,
+    debug: Annotated[
+        bool, typer.Option("--debug", help="Show tracebacks for errors (or set LLMCTL_DEBUG=1).")
+    ] = False,
 ) -> None:
     """Global options go before the command: llmctl --seed 1 -q pretrain ..."""
     if version:
@@ -180,12 +224,23 @@ def _global(
 # -- data ------------------------------------------------------------------------------------------
 
 
-@app.command(epilog="Example: llmctl corpus -o data/docs   |   llmctl corpus -o - | llmctl tokenize - -o data/tokens")
+@app.command(
+    epilog="Example: llmctl corpus -o data/docs   |   llmctl corpus -o - | llmctl tokenize - -o data/tokens"
+)
 @handle_errors
 def corpus(
-    output: Annotated[str, typer.Option("--output", "-o", help="Output directory, or - for an Arrow stream on stdout.")],
-    kinds: Annotated[Optional[str], typer.Option(help="Comma-separated: topics,docstrings,code.")] = None,
-    max_docs: Annotated[Optional[int], typer.Option(help="Stop after this many documents (0 = all).")] = None,
+    output: Annotated[
+        str,
+        typer.Option(
+            "--output", "-o", help="Output directory, or - for an Arrow stream on stdout."
+        ),
+    ],
+    kinds: Annotated[
+        str | None, typer.Option(help="Comma-separated: topics,docstrings,code.")
+    ] = None,
+    max_docs: Annotated[
+        int | None, typer.Option(help="Stop after this many documents (0 = all).")
+    ] = None,
     config: ConfigOpt = None,
     force: ForceOpt = False,
 ) -> None:
@@ -196,25 +251,51 @@ def corpus(
     """
     from llmctl.stages import corpus as stage
 
-    cfg = make_config(stage.CorpusConfig, config, "corpus", kinds=tuple(kinds.split(",")) if kinds else None, max_docs=max_docs)
+    cfg = make_config(
+        stage.CorpusConfig,
+        config,
+        "corpus",
+        kinds=tuple(kinds.split(",")) if kinds else None,
+        max_docs=max_docs,
+    )
     show_config(cfg)
-    m = stage.run(output, cfg, force=force, progress=progress() if output != "-" else RichProgress(False))
+    m = stage.run(
+        output, cfg, force=force, progress=progress() if output != "-" else RichProgress(False)
+    )
     if m is not None:
-        summary(f"corpus -> {output}", {**m.counts, **{k: v for k, v in m.stats.items()}})
+        summary(f"corpus -> {output}", {**m.counts, **dict(m.stats.items())})
 
 
-@app.command(epilog="Example: llmctl tokenize data/docs -o data/tokens --vocab-size 8192 --val-fraction 0.01")
+@app.command(
+    epilog="Example: llmctl tokenize data/docs -o data/tokens --vocab-size 8192 --val-fraction 0.01"
+)
 @handle_errors
 def tokenize(
-    input: Annotated[str, typer.Argument(help="Docs dataset dir, Parquet/JSONL(.gz/.zst)/.txt file or dir, or - (Arrow stream on stdin).")],
+    input: Annotated[
+        str,
+        typer.Argument(
+            help="Docs dataset dir, Parquet/JSONL(.gz/.zst)/.txt file or dir, or - (Arrow stream on stdin)."
+        ),
+    ],
     output: OutOpt,
-    vocab_size: Annotated[Optional[int], typer.Option(help="Vocabulary size to train (default 32000).")] = None,
-    train_bytes: Annotated[Optional[int], typer.Option(help="Text sampled to train the tokenizer (default 200 MB).")] = None,
-    tokenizer: Annotated[Optional[str], typer.Option(help="Reuse a tokenizer: tokenizer.model, a tokens dir or a checkpoint.")] = None,
-    val_fraction: Annotated[Optional[float], typer.Option(help="Share of documents held out for validation.")] = None,
-    workers: Annotated[Optional[int], typer.Option(help="Encoding processes (0 = all cores).")] = None,
-    text_column: Annotated[Optional[str], typer.Option(help="Column holding the text.")] = None,
-    encoding_errors: Annotated[Optional[str], typer.Option(help="Non-UTF-8 input: strict (fail) or replace.")] = None,
+    vocab_size: Annotated[
+        int | None, typer.Option(help="Vocabulary size to train (default 32000).")
+    ] = None,
+    train_bytes: Annotated[
+        int | None, typer.Option(help="Text sampled to train the tokenizer (default 200 MB).")
+    ] = None,
+    tokenizer: Annotated[
+        str | None,
+        typer.Option(help="Reuse a tokenizer: tokenizer.model, a tokens dir or a checkpoint."),
+    ] = None,
+    val_fraction: Annotated[
+        float | None, typer.Option(help="Share of documents held out for validation.")
+    ] = None,
+    workers: Annotated[int | None, typer.Option(help="Encoding processes (0 = all cores).")] = None,
+    text_column: Annotated[str | None, typer.Option(help="Column holding the text.")] = None,
+    encoding_errors: Annotated[
+        str | None, typer.Option(help="Non-UTF-8 input: strict (fail) or replace.")
+    ] = None,
     config: ConfigOpt = None,
     force: ForceOpt = False,
 ) -> None:
@@ -226,48 +307,101 @@ def tokenize(
     """
     from llmctl.stages import tokenize as stage
 
-    cfg = make_config(stage.TokenizeConfig, config, "tokenize", vocab_size=vocab_size, train_bytes=train_bytes, tokenizer=tokenizer,
-                      val_fraction=val_fraction, workers=workers, text_column=text_column, encoding_errors=encoding_errors)
+    cfg = make_config(
+        stage.TokenizeConfig,
+        config,
+        "tokenize",
+        vocab_size=vocab_size,
+        train_bytes=train_bytes,
+        tokenizer=tokenizer,
+        val_fraction=val_fraction,
+        workers=workers,
+        text_column=text_column,
+        encoding_errors=encoding_errors,
+    )
     show_config(cfg)
     m = stage.run(input, output, cfg, force=force, progress=progress())
-    summary(f"tokenize -> {output}", {**m.counts, **m.stats, "tokenizer": f"{m.tokenizer['fingerprint']} ({m.tokenizer['vocab_size']} ids)"})
+    summary(
+        f"tokenize -> {output}",
+        {
+            **m.counts,
+            **m.stats,
+            "tokenizer": f"{m.tokenizer['fingerprint']} ({m.tokenizer['vocab_size']} ids)",
+        },
+    )
 
 
 # -- training --------------------------------------------------------------------------------------
 
 
-@app.command(epilog="Example: llmctl pretrain data/tokens -o runs/base --model tiny --max-steps 300\n\n"
-             "Mix datasets: llmctl pretrain --data web/=0.7 --data code/=0.3 -o runs/base")
+@app.command(
+    epilog="Example: llmctl pretrain data/tokens -o runs/base --model tiny --max-steps 300\n\n"
+    "Mix datasets: llmctl pretrain --data web/=0.7 --data code/=0.3 -o runs/base"
+)
 @handle_errors
 def pretrain(
-    tokens: Annotated[Optional[list[str]], typer.Argument(help="Tokens dirs (weight 1 each); or use --data PATH=WEIGHT.")] = None,
+    tokens: Annotated[
+        list[str] | None,
+        typer.Argument(help="Tokens dirs (weight 1 each); or use --data PATH=WEIGHT."),
+    ] = None,
     output: OutOpt = Path("runs/base"),
-    data: Annotated[Optional[list[str]], typer.Option(help="Tokens dir with a mixture weight, PATH=WEIGHT (repeatable).")] = None,
-    model: Annotated[Optional[str], typer.Option(help="Preset: tiny, 124m, 350m, 1b, 7b.")] = None,
-    init: Annotated[Optional[str], typer.Option(help="Start from this checkpoint's weights (its tokenizer must match the tokens').")] = None,
-    d_model: Annotated[Optional[int], typer.Option(help="Override the preset's width.")] = None,
-    n_layers: Annotated[Optional[int], typer.Option(help="Override the preset's depth.")] = None,
-    n_heads: Annotated[Optional[int], typer.Option(help="Override the preset's query heads.")] = None,
-    n_kv_heads: Annotated[Optional[int], typer.Option(help="Override the preset's key/value heads (GQA).")] = None,
-    d_ff: Annotated[Optional[int], typer.Option(help="Override the preset's MLP width.")] = None,
-    rope_theta: Annotated[Optional[float], typer.Option(help="Override the RoPE base.")] = None,
-    tie_embeddings: Annotated[Optional[bool], typer.Option("--tie-embeddings/--no-tie-embeddings", help="Share input and output embeddings.")] = None,
-    seq_len: Annotated[Optional[int], typer.Option(help="Context length of training rows.")] = None,
-    batch_tokens: Annotated[Optional[int], typer.Option(help="Tokens per optimizer step (gradient accumulation fills it).")] = None,
-    micro_batch: Annotated[Optional[int], typer.Option(help="Rows per forward pass.")] = None,
-    max_steps: Annotated[Optional[int], typer.Option(help="Optimizer steps (overrides --tokens).")] = None,
-    tokens_budget: Annotated[Optional[str], typer.Option("--tokens", help="Training tokens, e.g. 2e9, or 'auto' (Chinchilla: 20 per parameter).")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate.")] = None,
-    min_lr: Annotated[Optional[float], typer.Option(help="Cosine floor (default lr/10).")] = None,
-    warmup_steps: Annotated[Optional[int], typer.Option(help="Linear warmup steps.")] = None,
-    weight_decay: Annotated[Optional[float], typer.Option(help="AdamW weight decay (matrices only).")] = None,
-    grad_clip: Annotated[Optional[float], typer.Option(help="Max gradient norm (0 = off).")] = None,
-    eval_every: Annotated[Optional[int], typer.Option(help="Steps between validation runs.")] = None,
-    save_every: Annotated[Optional[int], typer.Option(help="Steps between checkpoints.")] = None,
-    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N, mps.")] = None,
-    precision: Annotated[Optional[str], typer.Option(help="auto, fp32 or bf16 (autocast).")] = None,
-    compile: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile the model.")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint in OUTPUT.partial/.")] = False,
+    data: Annotated[
+        list[str] | None,
+        typer.Option(help="Tokens dir with a mixture weight, PATH=WEIGHT (repeatable)."),
+    ] = None,
+    model: Annotated[str | None, typer.Option(help="Preset: tiny, 124m, 350m, 1b, 7b.")] = None,
+    init: Annotated[
+        str | None,
+        typer.Option(
+            help="Start from this checkpoint's weights (its tokenizer must match the tokens')."
+        ),
+    ] = None,
+    d_model: Annotated[int | None, typer.Option(help="Override the preset's width.")] = None,
+    n_layers: Annotated[int | None, typer.Option(help="Override the preset's depth.")] = None,
+    n_heads: Annotated[int | None, typer.Option(help="Override the preset's query heads.")] = None,
+    n_kv_heads: Annotated[
+        int | None, typer.Option(help="Override the preset's key/value heads (GQA).")
+    ] = None,
+    d_ff: Annotated[int | None, typer.Option(help="Override the preset's MLP width.")] = None,
+    rope_theta: Annotated[float | None, typer.Option(help="Override the RoPE base.")] = None,
+    tie_embeddings: Annotated[
+        bool | None,
+        typer.Option(
+            "--tie-embeddings/--no-tie-embeddings", help="Share input and output embeddings."
+        ),
+    ] = None,
+    seq_len: Annotated[int | None, typer.Option(help="Context length of training rows.")] = None,
+    batch_tokens: Annotated[
+        int | None, typer.Option(help="Tokens per optimizer step (gradient accumulation fills it).")
+    ] = None,
+    micro_batch: Annotated[int | None, typer.Option(help="Rows per forward pass.")] = None,
+    max_steps: Annotated[
+        int | None, typer.Option(help="Optimizer steps (overrides --tokens).")
+    ] = None,
+    tokens_budget: Annotated[
+        str | None,
+        typer.Option(
+            "--tokens", help="Training tokens, e.g. 2e9, or 'auto' (Chinchilla: 20 per parameter)."
+        ),
+    ] = None,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate.")] = None,
+    min_lr: Annotated[float | None, typer.Option(help="Cosine floor (default lr/10).")] = None,
+    warmup_steps: Annotated[int | None, typer.Option(help="Linear warmup steps.")] = None,
+    weight_decay: Annotated[
+        float | None, typer.Option(help="AdamW weight decay (matrices only).")
+    ] = None,
+    grad_clip: Annotated[float | None, typer.Option(help="Max gradient norm (0 = off).")] = None,
+    eval_every: Annotated[int | None, typer.Option(help="Steps between validation runs.")] = None,
+    save_every: Annotated[int | None, typer.Option(help="Steps between checkpoints.")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N, mps.")] = None,
+    precision: Annotated[str | None, typer.Option(help="auto, fp32 or bf16 (autocast).")] = None,
+    compile: Annotated[
+        bool | None, typer.Option("--compile/--no-compile", help="torch.compile the model.")
+    ] = None,
+    resume: Annotated[
+        bool,
+        typer.Option("--resume", help="Continue from the newest checkpoint in OUTPUT.partial/."),
+    ] = False,
     config: ConfigOpt = None,
     force: ForceOpt = False,
 ) -> None:
@@ -281,15 +415,41 @@ def pretrain(
 
     entries = tuple(tokens or ()) + tuple(data or ())
     cfg = make_config(
-        stage.PretrainConfig, config, "pretrain", data=entries or None, init=init, model=model, d_model=d_model, n_layers=n_layers,
-        n_heads=n_heads, n_kv_heads=n_kv_heads, d_ff=d_ff, rope_theta=rope_theta, tie_embeddings=tie_embeddings,
-        seq_len=seq_len, batch_tokens=batch_tokens, micro_batch=micro_batch, max_steps=max_steps, tokens=tokens_budget,
-        lr=lr, min_lr=min_lr, warmup_steps=warmup_steps, weight_decay=weight_decay, grad_clip=grad_clip,
-        eval_every=eval_every, save_every=save_every, device=device, precision=precision, compile=compile,
+        stage.PretrainConfig,
+        config,
+        "pretrain",
+        data=entries or None,
+        init=init,
+        model=model,
+        d_model=d_model,
+        n_layers=n_layers,
+        n_heads=n_heads,
+        n_kv_heads=n_kv_heads,
+        d_ff=d_ff,
+        rope_theta=rope_theta,
+        tie_embeddings=tie_embeddings,
+        seq_len=seq_len,
+        batch_tokens=batch_tokens,
+        micro_batch=micro_batch,
+        max_steps=max_steps,
+        tokens=tokens_budget,
+        lr=lr,
+        min_lr=min_lr,
+        warmup_steps=warmup_steps,
+        weight_decay=weight_decay,
+        grad_clip=grad_clip,
+        eval_every=eval_every,
+        save_every=save_every,
+        device=device,
+        precision=precision,
+        compile=compile,
     )
     show_config(cfg)
     m = stage.run(output, cfg, force=force, resume=resume, progress=progress())
-    rows = {**m.counts, **{k: v for k, v in m.stats.items() if not isinstance(v, dict) and v is not None}}
+    rows = {
+        **m.counts,
+        **{k: v for k, v in m.stats.items() if not isinstance(v, dict) and v is not None},
+    }
     rows["device"] = f"{m.stats['runtime']['device']} ({m.stats['runtime']['precision']})"
     summary(f"pretrain -> {output}", rows)
 
@@ -297,26 +457,45 @@ def pretrain(
 # -- inference -------------------------------------------------------------------------------------
 
 
-@app.command(epilog='Example: llmctl generate runs/base "def fibonacci(n):" --max-new-tokens 100 --temperature 0.7')
+@app.command(
+    epilog='Example: llmctl generate runs/base "def fibonacci(n):" --max-new-tokens 100 --temperature 0.7'
+)
 @handle_errors
 def generate(
     checkpoint: Annotated[Path, typer.Argument(help="Checkpoint directory.")],
     prompt: Annotated[str, typer.Argument(help="Text to continue (use - to read it from stdin).")],
-    max_new_tokens: Annotated[Optional[int], typer.Option(help="Tokens to sample at most.")] = None,
-    temperature: Annotated[Optional[float], typer.Option(help="0 = greedy.")] = None,
-    top_k: Annotated[Optional[int], typer.Option(help="Keep the k most likely tokens (0 = off).")] = None,
-    top_p: Annotated[Optional[float], typer.Option(help="Nucleus sampling mass (1 = off).")] = None,
-    num_samples: Annotated[Optional[int], typer.Option(help="Independent samples (one batch).")] = None,
-    chat: Annotated[Optional[bool], typer.Option("--chat/--no-chat", help="Wrap the prompt in the chat template.")] = None,
-    system: Annotated[Optional[str], typer.Option(help="System message (with --chat).")] = None,
-    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, mps.")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(help="Tokens to sample at most.")] = None,
+    temperature: Annotated[float | None, typer.Option(help="0 = greedy.")] = None,
+    top_k: Annotated[
+        int | None, typer.Option(help="Keep the k most likely tokens (0 = off).")
+    ] = None,
+    top_p: Annotated[float | None, typer.Option(help="Nucleus sampling mass (1 = off).")] = None,
+    num_samples: Annotated[
+        int | None, typer.Option(help="Independent samples (one batch).")
+    ] = None,
+    chat: Annotated[
+        bool | None, typer.Option("--chat/--no-chat", help="Wrap the prompt in the chat template.")
+    ] = None,
+    system: Annotated[str | None, typer.Option(help="System message (with --chat).")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, mps.")] = None,
     config: ConfigOpt = None,
 ) -> None:
     """Sample a continuation of PROMPT from a checkpoint, streamed to stdout (KV cache)."""
     from llmctl.stages import generate as stage
 
-    cfg = make_config(stage.GenerateConfig, config, "generate", max_new_tokens=max_new_tokens, temperature=temperature,
-                      top_k=top_k, top_p=top_p, num_samples=num_samples, chat=chat, system=system, device=device)
+    cfg = make_config(
+        stage.GenerateConfig,
+        config,
+        "generate",
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        num_samples=num_samples,
+        chat=chat,
+        system=system,
+        device=device,
+    )
     if prompt == "-":
         prompt = sys.stdin.read()
     if cfg.num_samples == 1:
@@ -338,7 +517,9 @@ def generate(
 @app.command(epilog="Example: llmctl inspect data/tokens --head 2   |   llmctl inspect runs/base")
 @handle_errors
 def inspect(
-    artifact: Annotated[Path, typer.Argument(help="Any artifact directory, or a Parquet/JSONL file.")],
+    artifact: Annotated[
+        Path, typer.Argument(help="Any artifact directory, or a Parquet/JSONL file.")
+    ],
     head: Annotated[int, typer.Option(help="Rows / documents to show.")] = 3,
     max_chars: Annotated[int, typer.Option(help="Truncate texts to this many characters.")] = 400,
     split: Annotated[str, typer.Option(help="Tokens: train or val.")] = "train",
@@ -370,10 +551,18 @@ PLANNED = {
 
 
 def _planned(name: str, what: str) -> None:
-    @app.command(name=name, help=f"(not yet available) {what}.", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+    @app.command(
+        name=name,
+        help=f"(not yet available) {what}.",
+        context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    )
     def _cmd(ctx: typer.Context) -> None:
-        err.print(f"[bold red]error:[/bold red] `llmctl {name}` is not available yet in llmctl {__version__} ({what})")
-        err.print("[yellow]hint:[/yellow] see the README's roadmap; available now: corpus, tokenize, pretrain, generate, inspect")
+        err.print(
+            f"[bold red]error:[/bold red] `llmctl {name}` is not available yet in llmctl {__version__} ({what})"
+        )
+        err.print(
+            "[yellow]hint:[/yellow] see the README's roadmap; available now: corpus, tokenize, pretrain, generate, inspect"
+        )
         raise typer.Exit(2)
 
 

@@ -15,8 +15,30 @@ from llmctl.cli import PLANNED, app
 
 runner = CliRunner()
 STAGES = ["corpus", "tokenize", "pretrain", "generate", "inspect"]
-TINY = ["--model", "tiny", "--d-model", "32", "--n-layers", "2", "--n-heads", "4", "--n-kv-heads", "2", "--d-ff", "64",
-        "--seq-len", "32", "--batch-tokens", "256", "--micro-batch", "8", "--precision", "fp32", "--device", "cpu"]
+TINY = [
+    "--model",
+    "tiny",
+    "--d-model",
+    "32",
+    "--n-layers",
+    "2",
+    "--n-heads",
+    "4",
+    "--n-kv-heads",
+    "2",
+    "--d-ff",
+    "64",
+    "--seq-len",
+    "32",
+    "--batch-tokens",
+    "256",
+    "--micro-batch",
+    "8",
+    "--precision",
+    "fp32",
+    "--device",
+    "cpu",
+]
 
 
 def llmctl_bin() -> str:
@@ -48,7 +70,8 @@ def test_planned_commands_say_so_and_fail(name: str) -> None:
 
 def test_version() -> None:
     r = runner.invoke(app, ["--version"])
-    assert r.exit_code == 0 and r.stdout.startswith("llmctl ")
+    assert r.exit_code == 0
+    assert r.stdout.startswith("llmctl ")
 
 
 @pytest.fixture(scope="module")
@@ -56,23 +79,59 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """corpus -o - | tokenize - ; then pretrain, through the installed console script."""
     root = tmp_path_factory.mktemp("e2e")
     exe = llmctl_bin()
-    cmd = (f"{exe} corpus -o - --max-docs 60 | {exe} -q tokenize - -o {root / 'tokens'} --vocab-size 400 "
-           f"--val-fraction 0.1 --workers 2")
+    cmd = (
+        f"{exe} corpus -o - --max-docs 60 | {exe} -q tokenize - -o {root / 'tokens'} --vocab-size 400 "
+        f"--val-fraction 0.1 --workers 2"
+    )
     subprocess.run(cmd, shell=True, check=True, cwd=root)
-    subprocess.run([exe, "-q", "pretrain", str(root / "tokens"), "-o", str(root / "base"), "--max-steps", "3", *TINY],
-                   check=True, cwd=root)
+    subprocess.run(
+        [
+            exe,
+            "-q",
+            "pretrain",
+            str(root / "tokens"),
+            "-o",
+            str(root / "base"),
+            "--max-steps",
+            "3",
+            *TINY,
+        ],
+        check=True,
+        cwd=root,
+    )
     return root
 
 
 @pytest.mark.slow  # three subprocesses, each importing torch
 def test_end_to_end_through_console_script(pipeline: Path) -> None:
     m = json.loads((pipeline / "tokens" / "manifest.json").read_text())
-    assert m["counts"]["documents"] == 60 and m["inputs"][0]["path"] == "-"
-    r = subprocess.run([llmctl_bin(), "generate", str(pipeline / "base"), "import ", "--max-new-tokens", "8",
-                        "--temperature", "0"], capture_output=True, text=True, check=True)
-    assert r.stdout.startswith("import ") and len(r.stdout) > len("import \n")
-    r = subprocess.run([llmctl_bin(), "inspect", str(pipeline / "tokens"), "--head", "1"], capture_output=True, text=True, check=True)
-    assert "row 0" in r.stdout and "tokens:" in r.stdout
+    assert m["counts"]["documents"] == 60
+    assert m["inputs"][0]["path"] == "-"
+    r = subprocess.run(
+        [
+            llmctl_bin(),
+            "generate",
+            str(pipeline / "base"),
+            "import ",
+            "--max-new-tokens",
+            "8",
+            "--temperature",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert r.stdout.startswith("import ")
+    assert len(r.stdout) > len("import \n")
+    r = subprocess.run(
+        [llmctl_bin(), "inspect", str(pipeline / "tokens"), "--head", "1"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "row 0" in r.stdout
+    assert "tokens:" in r.stdout
 
 
 def _check_clean_failure(r, code: int, message: str, *leftovers: Path) -> None:  # noqa: ANN001
@@ -107,7 +166,9 @@ def test_missing_input(tmp_path: Path) -> None:
 
 
 def test_bad_flag_value(tmp_path: Path) -> None:
-    r = runner.invoke(app, ["tokenize", str(tmp_path), "-o", str(tmp_path / "t"), "--vocab-size", "10"])
+    r = runner.invoke(
+        app, ["tokenize", str(tmp_path), "-o", str(tmp_path / "t"), "--vocab-size", "10"]
+    )
     _check_clean_failure(r, 2, "--vocab-size must be >= 300", tmp_path / "t")
 
 
@@ -126,7 +187,9 @@ def test_truncated_checkpoint(tmp_path: Path, pipeline: Path) -> None:
 def test_foreign_checkpoint(tmp_path: Path) -> None:
     ck = tmp_path / "hf"
     ck.mkdir()
-    (ck / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "hidden_size": 64}))
+    (ck / "config.json").write_text(
+        json.dumps({"architectures": ["LlamaForCausalLM"], "hidden_size": 64})
+    )
     (ck / "model.safetensors").write_bytes(b"\0" * 16)
     (ck / "tokenizer.model").write_bytes(b"\0")
     r = runner.invoke(app, ["generate", str(ck), "x"])
@@ -142,7 +205,20 @@ def test_checkpoint_missing_files(tmp_path: Path) -> None:
 def test_config_file_then_flags_then_global_seed(tmp_path: Path) -> None:
     cfg = tmp_path / "run.toml"
     cfg.write_text("seed = 3\n[corpus]\nmax_docs = 7\nkinds = ['topics']\n")
-    r = runner.invoke(app, ["--seed", "5", "corpus", "-o", str(tmp_path / "d"), "--config", str(cfg), "--max-docs", "4"])
+    r = runner.invoke(
+        app,
+        [
+            "--seed",
+            "5",
+            "corpus",
+            "-o",
+            str(tmp_path / "d"),
+            "--config",
+            str(cfg),
+            "--max-docs",
+            "4",
+        ],
+    )
     assert r.exit_code == 0, r.output
     m = json.loads((tmp_path / "d" / "manifest.json").read_text())
     assert m["config"] == {"source": "stdlib", "kinds": ["topics"], "max_docs": 4, "seed": 5}

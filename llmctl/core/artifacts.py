@@ -179,7 +179,9 @@ def check_output(dst: Path, force: bool) -> None:
     """Refuse to overwrite an existing output unless forced (call before any long work)."""
     dst = Path(dst)
     if dst.exists() and not force:
-        raise InputError(f"{dst} already exists", "pass --force to replace it, or choose another -o")
+        raise InputError(
+            f"{dst} already exists", "pass --force to replace it, or choose another -o"
+        )
 
 
 @dataclass

@@ -46,7 +46,9 @@ class WindowSampler:
         self.probs = w / w.sum()
         self._arange = np.arange(seq_len + 1, dtype=np.int64)
 
-    def rows(self, step: int, micro: int, n_rows: int, rank: int = 0, world: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    def rows(
+        self, step: int, micro: int, n_rows: int, rank: int = 0, world: int = 1
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs and targets (each (rows, seq_len) int64) for this rank's share of a micro-batch.
 
         The global micro-batch has `n_rows * world` rows; rank r takes rows r, r + world, ...

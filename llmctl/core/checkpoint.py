@@ -90,8 +90,14 @@ def save_checkpoint(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    write_checkpoint_files(tmp, model, tokenizer, optimizer=optimizer, trainer_state=trainer_state,
-                           extra_config=extra_config)
+    write_checkpoint_files(
+        tmp,
+        model,
+        tokenizer,
+        optimizer=optimizer,
+        trainer_state=trainer_state,
+        extra_config=extra_config,
+    )
     m = manifest or Manifest(kind="checkpoint", stage="checkpoint")
     m.fingerprint = dir_fingerprint(tmp)
     m.tokenizer = {"fingerprint": tokenizer.fingerprint, "vocab_size": tokenizer.vocab_size}
@@ -117,7 +123,11 @@ def write_checkpoint_files(
 ) -> None:
     """Write a checkpoint's files (no manifest) into an existing directory."""
     directory = Path(directory)
-    save_file(model_state(model), str(directory / WEIGHTS), metadata={"format": "pt", "llmctl": __version__})
+    save_file(
+        model_state(model),
+        str(directory / WEIGHTS),
+        metadata={"format": "pt", "llmctl": __version__},
+    )
     cfg = {
         "model": model.cfg.to_dict(),
         "tokenizer": {"fingerprint": tokenizer.fingerprint, "vocab_size": tokenizer.vocab_size},
@@ -167,7 +177,9 @@ def check_checkpoint_dir(path: Path) -> dict[str, Any]:
     """
     path = Path(path)
     if not path.is_dir():
-        raise InputError(f"checkpoint {path} does not exist", "pass a directory written by `llmctl pretrain`")
+        raise InputError(
+            f"checkpoint {path} does not exist", "pass a directory written by `llmctl pretrain`"
+        )
     missing = [f for f in REQUIRED if not (path / f).is_file()]
     if missing:
         found = sorted(p.name for p in path.iterdir())[:8]
@@ -189,7 +201,9 @@ def check_checkpoint_dir(path: Path) -> dict[str, Any]:
     return cfg
 
 
-def load_checkpoint(path: Path, device: torch.device | str = "cpu", tokenizer: Tokenizer | None = None) -> Checkpoint:
+def load_checkpoint(
+    path: Path, device: torch.device | str = "cpu", tokenizer: Tokenizer | None = None
+) -> Checkpoint:
     """Load a checkpoint's model (fp32, eval mode) and tokenizer.
 
     Args:
@@ -217,7 +231,10 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu", tokenizer: T
     try:
         sd = load_file(str(path / WEIGHTS), device="cpu")
     except (SafetensorError, OSError, ValueError) as e:
-        raise InputError(f"{path / WEIGHTS} is corrupt or truncated ({e})", "re-save or re-download the checkpoint") from None
+        raise InputError(
+            f"{path / WEIGHTS} is corrupt or truncated ({e})",
+            "re-save or re-download the checkpoint",
+        ) from None
     model = Transformer(mcfg)
     if mcfg.tie_embeddings:
         sd["lm_head.weight"] = sd.get("embed.weight", torch.empty(0))
@@ -225,7 +242,9 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu", tokenizer: T
         model.load_state_dict(sd, strict=True)
     except RuntimeError as e:
         first = str(e).strip().splitlines()
-        raise InputError(f"{path / WEIGHTS} does not match its config.json: {' '.join(first[:2])[:300]}") from None
+        raise InputError(
+            f"{path / WEIGHTS} does not match its config.json: {' '.join(first[:2])[:300]}"
+        ) from None
     return Checkpoint(path, model.to(device).eval(), tok, cfg)
 
 
@@ -237,7 +256,9 @@ def load_trainer_state(path: Path, optimizer: torch.optim.Optimizer | None) -> d
     """
     path = Path(path)
     if not (path / STATE_JSON).is_file() or not (path / STATE_TENSORS).is_file():
-        raise InputError(f"{path} has no trainer state to resume from", "start a new run without --resume")
+        raise InputError(
+            f"{path} has no trainer state to resume from", "start a new run without --resume"
+        )
     meta = json.loads((path / STATE_JSON).read_text())
     try:
         tensors = load_file(str(path / STATE_TENSORS), device="cpu")

@@ -74,7 +74,9 @@ class DocSource:
             if batch.num_rows:
                 yield batch
         if n == 0:
-            raise InputError(f"{self.path} contains no documents", "check the input path and filters")
+            raise InputError(
+                f"{self.path} contains no documents", "check the input path and filters"
+            )
 
     def texts(self) -> Iterator[str]:
         """Stream the non-empty texts only."""
@@ -164,7 +166,9 @@ class DocSource:
                         yield _rows_to_batch(rows, f)
                         rows = []
         except (EOFError, OSError, gzip.BadGzipFile) as e:
-            raise InputError(f"{f} is truncated or corrupt ({e})", "re-fetch or re-create it") from None
+            raise InputError(
+                f"{f} is truncated or corrupt ({e})", "re-fetch or re-create it"
+            ) from None
         except Exception as e:
             if type(e).__module__.startswith("zstandard"):
                 raise InputError(f"{f} is not a valid zstd file ({e})", "re-create it") from None
@@ -181,7 +185,7 @@ class DocSource:
             return data.decode("utf-8", errors=self.encoding_errors)
         except UnicodeDecodeError as e:
             raise InputError(
-                f"{where} is not valid UTF-8 (byte {e.start}: {data[e.start:e.start + 1]!r})",
+                f"{where} is not valid UTF-8 (byte {e.start}: {data[e.start : e.start + 1]!r})",
                 "convert it (iconv -f latin1 -t utf-8) or pass --encoding-errors replace",
             ) from None
 
@@ -191,8 +195,10 @@ class DocSource:
         col = batch.column(i)
         if pa.types.is_binary(col.type) or pa.types.is_large_binary(col.type):
             col = pa.array(
-                [None if b is None else self._decode(b, f"{self.path} column {self.text_column}")
-                 for b in col.to_pylist()],
+                [
+                    None if b is None else self._decode(b, f"{self.path} column {self.text_column}")
+                    for b in col.to_pylist()
+                ],
                 pa.string(),
             )
         elif pa.types.is_large_string(col.type):
@@ -263,13 +269,18 @@ def _rows_to_batch(rows: list[dict[str, Any]], f: Path) -> pa.RecordBatch:
     try:
         return pa.RecordBatch.from_pylist(rows)
     except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
-        raise InputError(f"{f}: rows have inconsistent types ({e})", "make each column one type") from None
+        raise InputError(
+            f"{f}: rows have inconsistent types ({e})", "make each column one type"
+        ) from None
 
 
 def _collect_files(root: Path) -> list[Path]:
     return sorted(
-        p for p in root.rglob("*")
-        if p.is_file() and not p.name.startswith(".") and p.name != MANIFEST
+        p
+        for p in root.rglob("*")
+        if p.is_file()
+        and not p.name.startswith(".")
+        and p.name != MANIFEST
         and any(p.name.lower().endswith(s) for s in _DOC_SUFFIXES)
     )
 
@@ -299,7 +310,8 @@ def open_docs(
         files = _collect_files(p)
         if not files:
             raise InputError(
-                f"{p} holds no Parquet, JSONL or .txt files", "point at a dataset directory or files"
+                f"{p} holds no Parquet, JSONL or .txt files",
+                "point at a dataset directory or files",
             )
     else:
         files = [p]

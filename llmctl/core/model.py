@@ -83,17 +83,52 @@ class ModelConfig:
 # Named shapes. vocab_size is left to the tokenizer. Parameter counts are at vocab 32000, tied.
 PRESETS: dict[str, dict] = {
     # ~1.4M non-embedding params: trains on 2 CPU cores in minutes.
-    "tiny": dict(d_model=192, n_layers=4, n_heads=6, n_kv_heads=2, d_ff=512, max_seq_len=256),
+    "tiny": {
+        "d_model": 192,
+        "n_layers": 4,
+        "n_heads": 6,
+        "n_kv_heads": 2,
+        "d_ff": 512,
+        "max_seq_len": 256,
+    },
     # GPT-2-small scale: ~124M with a 32k vocabulary.
-    "124m": dict(d_model=768, n_layers=12, n_heads=12, n_kv_heads=12, d_ff=2560, max_seq_len=1024),
+    "124m": {
+        "d_model": 768,
+        "n_layers": 12,
+        "n_heads": 12,
+        "n_kv_heads": 12,
+        "d_ff": 2560,
+        "max_seq_len": 1024,
+    },
     # GPT-2-medium scale, GQA: ~350M.
-    "350m": dict(d_model=1024, n_layers=24, n_heads=16, n_kv_heads=8, d_ff=3072, max_seq_len=2048),
+    "350m": {
+        "d_model": 1024,
+        "n_layers": 24,
+        "n_heads": 16,
+        "n_kv_heads": 8,
+        "d_ff": 3072,
+        "max_seq_len": 2048,
+    },
     # Llama-3.2-1B shape: ~1.0B.
-    "1b": dict(d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8, d_ff=8192, max_seq_len=2048,
-               rope_theta=500000.0),
+    "1b": {
+        "d_model": 2048,
+        "n_layers": 16,
+        "n_heads": 32,
+        "n_kv_heads": 8,
+        "d_ff": 8192,
+        "max_seq_len": 2048,
+        "rope_theta": 500000.0,
+    },
     # Llama-2-7B shape: ~6.7B (untied head).
-    "7b": dict(d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32, d_ff=11008, max_seq_len=4096,
-               tie_embeddings=False),
+    "7b": {
+        "d_model": 4096,
+        "n_layers": 32,
+        "n_heads": 32,
+        "n_kv_heads": 32,
+        "d_ff": 11008,
+        "max_seq_len": 4096,
+        "tie_embeddings": False,
+    },
 }
 
 
@@ -120,7 +155,9 @@ def param_count(cfg: ModelConfig, *, embeddings: bool = True) -> int:
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Training FLOPs per token (forward + backward = 3x forward), PaLM-style:
     6 * (non-embedding params incl. the LM head) + 12 * n_layers * d_model * seq_len (attention)."""
-    n = param_count(cfg, embeddings=False) + (cfg.vocab_size * cfg.d_model if cfg.tie_embeddings else 0)
+    n = param_count(cfg, embeddings=False) + (
+        cfg.vocab_size * cfg.d_model if cfg.tie_embeddings else 0
+    )
     return 6.0 * n + 12.0 * cfg.n_layers * cfg.d_model * seq_len
 
 
@@ -132,9 +169,14 @@ def chinchilla_tokens(cfg: ModelConfig) -> int:
 # ------------------------------------------------------------------------------------------------
 
 
-def rope_tables(cfg: ModelConfig, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(
+    cfg: ModelConfig, device: torch.device | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables, (max_seq_len, head_dim), with each frequency repeated over both halves."""
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32, device=device) / cfg.head_dim))
+    inv_freq = 1.0 / (
+        cfg.rope_theta
+        ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32, device=device) / cfg.head_dim)
+    )
     t = torch.arange(cfg.max_seq_len, dtype=torch.float32, device=device)
     freqs = torch.outer(t, inv_freq)  # (T, head_dim/2)
     emb = torch.cat([freqs, freqs], dim=-1)  # (T, head_dim)
@@ -156,7 +198,9 @@ class KVCache:
     slots are real tokens (False for left padding in a batch of unequal prompts).
     """
 
-    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(
+        self, cfg: ModelConfig, batch: int, max_len: int, device: torch.device, dtype: torch.dtype
+    ) -> None:
         shape = (batch, cfg.n_kv_heads, max_len, cfg.head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
@@ -191,7 +235,9 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.n_heads, self.n_kv, self.hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.wqkv = nn.Linear(cfg.d_model, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, bias=False)
+        self.wqkv = nn.Linear(
+            cfg.d_model, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, bias=False
+        )
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
 
     def forward(
@@ -205,7 +251,9 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         B, T, _ = x.shape
         qkv = self.wqkv(x)
-        q, k, v = qkv.split([self.n_heads * self.hd, self.n_kv * self.hd, self.n_kv * self.hd], dim=-1)
+        q, k, v = qkv.split(
+            [self.n_heads * self.hd, self.n_kv * self.hd, self.n_kv * self.hd], dim=-1
+        )
         q = q.view(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, H, T, hd)
         k = k.view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, KV, T, hd)
         v = v.view(B, T, self.n_kv, self.hd).transpose(1, 2)
@@ -315,7 +363,9 @@ class Transformer(nn.Module):
         B, T = ids.shape
         start = cache.pos if cache is not None else 0
         if start + T > self.cfg.max_seq_len:
-            raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len {self.cfg.max_seq_len}")
+            raise ValueError(
+                f"sequence of {start + T} tokens exceeds max_seq_len {self.cfg.max_seq_len}"
+            )
         if positions is None:
             cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]
         else:

@@ -6,7 +6,9 @@ from pathlib import Path
 from typing import Any
 
 
-def plot_metrics(records: list[dict[str, Any]], path: Path, *, title: str, baseline: float | None = None) -> Path | None:
+def plot_metrics(
+    records: list[dict[str, Any]], path: Path, *, title: str, baseline: float | None = None
+) -> Path | None:
     """Loss (train and validation) and learning rate against step; None if there is nothing to plot."""
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
     val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
@@ -27,7 +29,11 @@ def plot_metrics(records: list[dict[str, Any]], path: Path, *, title: str, basel
     ax.set_title(title)
     ax.legend()
     ax.grid(alpha=0.3)
-    ax_lr.plot([r["step"] for r in records if "lr" in r], [r["lr"] for r in records if "lr" in r], color="tab:green")
+    ax_lr.plot(
+        [r["step"] for r in records if "lr" in r],
+        [r["lr"] for r in records if "lr" in r],
+        color="tab:green",
+    )
     ax_lr.set_ylabel("lr")
     ax_lr.set_xlabel("step")
     ax_lr.grid(alpha=0.3)

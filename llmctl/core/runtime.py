@@ -17,7 +17,14 @@ import torch
 Precision = Literal["auto", "fp32", "bf16"]
 
 # Dense bf16 peak FLOP/s for MFU, by device name substring (no sparsity). CPU MFU is not reported.
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "4090": 165e12}
+PEAK_BF16_FLOPS = {
+    "H200": 989e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "A10G": 125e12,
+    "4090": 165e12,
+}
 
 
 def _cpu_has_bf16() -> bool:
@@ -86,8 +93,13 @@ class Runtime:
 
     def describe(self) -> dict:
         """For manifests and reports."""
-        d = {"device": str(self.device), "precision": self.precision, "world_size": self.world_size,
-             "torch": torch.__version__, "threads": torch.get_num_threads()}
+        d = {
+            "device": str(self.device),
+            "precision": self.precision,
+            "world_size": self.world_size,
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+        }
         if self.device.type == "cuda":
             d["gpu"] = torch.cuda.get_device_name(self.device)
         return d

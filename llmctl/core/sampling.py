@@ -29,13 +29,17 @@ class SamplingConfig:
     top_p: float = 0.95  # nucleus: smallest set with this much probability (1.0 = off)
 
     def __post_init__(self) -> None:
-        require(self.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
+        require(
+            self.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {self.max_new_tokens}"
+        )
         require(self.temperature >= 0, f"--temperature must be >= 0, got {self.temperature}")
         require(self.top_k >= 0, f"--top-k must be >= 0, got {self.top_k}")
         require(0 < self.top_p <= 1, f"--top-p must be in (0, 1], got {self.top_p}")
 
 
-def pick(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:
+def pick(
+    logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None
+) -> torch.Tensor:
     """Next token per row from (B, V) logits."""
     if cfg.temperature == 0:
         return logits.argmax(dim=-1)
@@ -46,7 +50,9 @@ def pick(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator |
     if cfg.top_p < 1.0:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        drop = cum - sorted_logits.softmax(dim=-1) >= cfg.top_p  # mass before this token already >= p
+        drop = (
+            cum - sorted_logits.softmax(dim=-1) >= cfg.top_p
+        )  # mass before this token already >= p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = logits.softmax(dim=-1)
@@ -75,17 +81,20 @@ def stream(
         generator: Seeded torch.Generator on the model's device, for reproducible sampling.
         pad_id: Id used for left padding (never attended to).
     """
-    require(len(prompts) > 0 and all(len(p) > 0 for p in prompts), "every prompt needs at least one token")
+    require(
+        len(prompts) > 0 and all(len(p) > 0 for p in prompts),
+        "every prompt needs at least one token",
+    )
     device = model.embed.weight.device
     B = len(prompts)
     lens = torch.tensor([len(p) for p in prompts], device=device)
     L = int(lens.max())
     ctx = model.cfg.max_seq_len
-    require(L < ctx, f"prompt of {L} tokens leaves no room in the {ctx}-token context")
+    require(ctx > L, f"prompt of {L} tokens leaves no room in the {ctx}-token context")
     steps = min(cfg.max_new_tokens, ctx - L)
     ids = torch.full((B, L), pad_id, dtype=torch.long, device=device)
     for i, p in enumerate(prompts):
-        ids[i, L - len(p):] = torch.tensor(list(p), dtype=torch.long, device=device)
+        ids[i, L - len(p) :] = torch.tensor(list(p), dtype=torch.long, device=device)
     cache = model.new_cache(B, L + steps)
     ragged = bool((lens != L).any())
     if ragged:
@@ -111,8 +120,12 @@ def stream(
         if ragged:
             cache.mask[:, L + step] = True
             positions = (lens + step)[:, None]
-            logits = model(nxt[:, None], cache=cache, positions=positions,
-                           attn_mask=cache.mask[:, None, None, : L + step + 1])
+            logits = model(
+                nxt[:, None],
+                cache=cache,
+                positions=positions,
+                attn_mask=cache.mask[:, None, None, : L + step + 1],
+            )
         else:
             logits = model(nxt[:, None], cache=cache)
         nxt = pick(logits[:, -1], cfg, generator)

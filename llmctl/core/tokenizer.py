@@ -38,7 +38,11 @@ CHAT_TEMPLATE_JINJA = (
 
 
 def train_tokenizer(
-    sentences: Iterable[str], vocab_size: int, *, num_threads: int = 2, seed_sentences: int = 2_000_000
+    sentences: Iterable[str],
+    vocab_size: int,
+    *,
+    num_threads: int = 2,
+    seed_sentences: int = 2_000_000,
 ) -> bytes:
     """Train a SentencePiece BPE model and return its serialised bytes.
 
@@ -104,7 +108,11 @@ class Tokenizer:
         self.model_bytes = model_bytes
         self.sp = spm.SentencePieceProcessor(model_proto=model_bytes)
         self.fingerprint = hashlib.sha256(model_bytes).hexdigest()[:16]
-        missing = [t for t in (BOS, EOS, PAD, *CONTROL_TOKENS) if self.sp.piece_to_id(t) == self.sp.unk_id()]
+        missing = [
+            t
+            for t in (BOS, EOS, PAD, *CONTROL_TOKENS)
+            if self.sp.piece_to_id(t) == self.sp.unk_id()
+        ]
         if missing:
             raise InputError(
                 f"tokenizer lacks llmctl's special tokens ({', '.join(missing)})",
@@ -135,12 +143,16 @@ class Tokenizer:
         if p.is_dir():
             p = p / MODEL_FILE
         if not p.is_file():
-            raise InputError(f"no tokenizer at {p}", "pass a tokenizer.model, a tokens dir or a checkpoint")
+            raise InputError(
+                f"no tokenizer at {p}", "pass a tokenizer.model, a tokens dir or a checkpoint"
+            )
         data = p.read_bytes()
         try:
             return cls(data)
         except (RuntimeError, OSError) as e:
-            raise InputError(f"{p} is not a SentencePiece model ({e})", "re-create it with `llmctl tokenize`") from None
+            raise InputError(
+                f"{p} is not a SentencePiece model ({e})", "re-create it with `llmctl tokenize`"
+            ) from None
 
     def save(self, directory: Path) -> Path:
         """Write `tokenizer.model` into `directory`."""
@@ -160,7 +172,9 @@ class Tokenizer:
         ids = self.sp.encode(text)
         return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
 
-    def encode_batch(self, texts: Sequence[str], *, bos: bool = False, eos: bool = False, num_threads: int = 1) -> list[list[int]]:
+    def encode_batch(
+        self, texts: Sequence[str], *, bos: bool = False, eos: bool = False, num_threads: int = 1
+    ) -> list[list[int]]:
         """Many texts at once (SentencePiece threads over the batch when num_threads > 1)."""
         out = self.sp.encode(list(texts), num_threads=num_threads)
         pre = [self.bos_id] if bos else []
@@ -186,18 +200,20 @@ class Tokenizer:
             if text.endswith("\ufffd"):
                 continue
             if text.startswith(emitted):
-                yield text[len(emitted):]
+                yield text[len(emitted) :]
             emitted = text
             if len(held) > 64:  # keep the window short: re-decoding is O(window)
                 held, emitted = [], ""
         if held:
             text = self.decode(held)
             if text.startswith(emitted) and len(text) > len(emitted):
-                yield text[len(emitted):]
+                yield text[len(emitted) :]
 
     # -- chat ------------------------------------------------------------------------------
 
-    def render_chat(self, messages: Sequence[dict], *, add_generation_prompt: bool = False) -> tuple[list[int], list[bool]]:
+    def render_chat(
+        self, messages: Sequence[dict], *, add_generation_prompt: bool = False
+    ) -> tuple[list[int], list[bool]]:
         """Render a conversation to ids and a loss mask (True on assistant content and its <|end|>).
 
         Args:
@@ -214,7 +230,9 @@ class Tokenizer:
         for n, m in enumerate(messages):
             role, content = m.get("role"), m.get("content")
             if role not in self.role_ids:
-                raise InputError(f"message {n} has role {role!r}; expected system, user or assistant")
+                raise InputError(
+                    f"message {n} has role {role!r}; expected system, user or assistant"
+                )
             if not isinstance(content, str):
                 raise InputError(f"message {n} has no string 'content'")
             body = self.encode(content) + [self.end_id]

@@ -31,7 +31,12 @@ import numpy as np
 from llmctl.core.errors import InputError
 
 MAGIC = b"MMIDIDX\x00\x00"
-_CODES = {np.dtype(np.uint16): 8, np.dtype(np.int32): 4, np.dtype(np.uint8): 1, np.dtype(np.int64): 5}
+_CODES = {
+    np.dtype(np.uint16): 8,
+    np.dtype(np.int32): 4,
+    np.dtype(np.uint8): 1,
+    np.dtype(np.int64): 5,
+}
 _DTYPES = {v: k for k, v in _CODES.items()}
 _HEADER = 34
 
@@ -47,8 +52,8 @@ class IndexedWriter:
     def __init__(self, prefix: Path, dtype: np.dtype) -> None:
         self.prefix = Path(prefix)
         self.dtype = np.dtype(dtype)
-        self._bin = open(f"{prefix}.bin", "wb")
-        self._lens = open(f"{prefix}.lens.tmp", "wb")
+        self._bin = open(f"{prefix}.bin", "wb")  # noqa: SIM115 - held open across add() calls; closed in close()
+        self._lens = open(f"{prefix}.lens.tmp", "wb")  # noqa: SIM115 - as above
         self.n_docs = 0
         self.n_tokens = 0
 
@@ -66,7 +71,11 @@ class IndexedWriter:
         self._lens.close()
         lens_path = Path(f"{self.prefix}.lens.tmp")
         n = self.n_docs
-        lens = np.memmap(lens_path, dtype=np.int32, mode="r", shape=(n,)) if n else np.zeros(0, np.int32)
+        lens = (
+            np.memmap(lens_path, dtype=np.int32, mode="r", shape=(n,))
+            if n
+            else np.zeros(0, np.int32)
+        )
         with open(f"{self.prefix}.idx", "wb") as f:
             f.write(MAGIC + struct.pack("<Q", 1) + struct.pack("<B", _CODES[self.dtype]))
             f.write(struct.pack("<Q", n) + struct.pack("<Q", n + 1))
@@ -102,7 +111,9 @@ class IndexedDataset:
                 raise InputError(f"missing token file {p}", "re-run `llmctl tokenize`")
         raw = idx.read_bytes()[:_HEADER]
         if len(raw) < _HEADER or raw[:9] != MAGIC:
-            raise InputError(f"{idx} is not a Megatron indexed-dataset index", "re-run `llmctl tokenize`")
+            raise InputError(
+                f"{idx} is not a Megatron indexed-dataset index", "re-run `llmctl tokenize`"
+            )
         (version,) = struct.unpack("<Q", raw[9:17])
         code = raw[17]
         n_seq, n_doc = struct.unpack("<QQ", raw[18:34])
@@ -120,8 +131,13 @@ class IndexedDataset:
         size = binp.stat().st_size
         n_tok = int(self.lengths.sum(dtype=np.int64))
         if size != n_tok * self.dtype.itemsize:
-            raise InputError(f"{binp} holds {size} bytes, its index says {n_tok * self.dtype.itemsize}", "re-run `llmctl tokenize`")
-        self.tokens = np.memmap(binp, mode="r", dtype=self.dtype) if n_tok else np.zeros(0, self.dtype)
+            raise InputError(
+                f"{binp} holds {size} bytes, its index says {n_tok * self.dtype.itemsize}",
+                "re-run `llmctl tokenize`",
+            )
+        self.tokens = (
+            np.memmap(binp, mode="r", dtype=self.dtype) if n_tok else np.zeros(0, self.dtype)
+        )
 
     def __len__(self) -> int:
         return int(self.lengths.size)

@@ -103,17 +103,26 @@ def train(
         TrainingError: The loss or gradient norm became non-finite.
     """
     params = [p for p in model.parameters() if p.requires_grad]
-    log = open(metrics_path, "a") if metrics_path else None
+    log = open(metrics_path, "a") if metrics_path else None  # noqa: SIM115 - closed in the finally below
     last_loss, last_val = float("nan"), None
     t_start = time.perf_counter()
     tokens_done = 0
     last_saved: Path | None = None
     progress.start("train", schedule.total_steps - start_step, "steps")
-    completed, saved_at = start_step, start_step  # steps whose optimizer update is applied / on disk
+    completed, saved_at = (
+        start_step,
+        start_step,
+    )  # steps whose optimizer update is applied / on disk
     try:
         for step in range(start_step, schedule.total_steps):
             t0 = time.perf_counter()
-            lr = lr_at(step, lr=schedule.lr, min_lr=schedule.min_lr, warmup=schedule.warmup_steps, total=schedule.total_steps)
+            lr = lr_at(
+                step,
+                lr=schedule.lr,
+                min_lr=schedule.min_lr,
+                warmup=schedule.warmup_steps,
+                total=schedule.total_steps,
+            )
             for group in optimizer.param_groups:
                 group["lr"] = lr
             loss_sum = torch.zeros((), device=runtime.device)
@@ -140,9 +149,15 @@ def train(
             tokens_done += schedule.tokens_per_step
             tps = schedule.tokens_per_step / dt
             done = step + 1
-            rec: dict[str, Any] = {"step": done, "loss": round(last_loss, 5), "lr": lr, "grad_norm": round(norm, 5),
-                                   "tokens": done * schedule.tokens_per_step, "tokens_per_s": round(tps, 1),
-                                   "time": round(time.perf_counter() - t_start, 3)}
+            rec: dict[str, Any] = {
+                "step": done,
+                "loss": round(last_loss, 5),
+                "lr": lr,
+                "grad_norm": round(norm, 5),
+                "tokens": done * schedule.tokens_per_step,
+                "tokens_per_s": round(tps, 1),
+                "time": round(time.perf_counter() - t_start, 3),
+            }
             peak = runtime.peak_flops()
             if peak and schedule.flops_per_token:
                 rec["mfu"] = round(tps * schedule.flops_per_token / (peak * runtime.world_size), 4)
@@ -156,15 +171,22 @@ def train(
             final = done == schedule.total_steps
             if (schedule.save_every and done % schedule.save_every == 0) or final:
                 last_saved, saved_at = save(done), done
-            if evaluate is not None and ((schedule.eval_every and done % schedule.eval_every == 0) or final):
+            if evaluate is not None and (
+                (schedule.eval_every and done % schedule.eval_every == 0) or final
+            ):
                 model.eval()
                 with torch.no_grad(), runtime.autocast():
                     last_val = evaluate()
                 model.train()
                 if log:
-                    log.write(json.dumps({"step": done, **{k: round(v, 5) for k, v in last_val.items()}}) + "\n")
+                    log.write(
+                        json.dumps({"step": done, **{k: round(v, 5) for k, v in last_val.items()}})
+                        + "\n"
+                    )
                     log.flush()
-                progress.log(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in last_val.items()))
+                progress.log(
+                    f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in last_val.items())
+                )
     except KeyboardInterrupt:
         # Keep what was trained: a checkpoint at the last completed step, then let the CLI explain.
         if completed > saved_at:
@@ -175,4 +197,6 @@ def train(
         if log:
             log.close()
     seconds = time.perf_counter() - t_start
-    return LoopResult(schedule.total_steps, last_loss, last_val, tokens_done / max(seconds, 1e-9), seconds)
+    return LoopResult(
+        schedule.total_steps, last_loss, last_val, tokens_done / max(seconds, 1e-9), seconds
+    )

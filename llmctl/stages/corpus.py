@@ -41,7 +41,10 @@ class CorpusConfig:
 
     def __post_init__(self) -> None:
         bad = set(self.kinds) - {"topics", "docstrings", "code"}
-        require(not bad, f"--kinds: unknown kind(s) {', '.join(sorted(bad))} (choose topics, docstrings, code)")
+        require(
+            not bad,
+            f"--kinds: unknown kind(s) {', '.join(sorted(bad))} (choose topics, docstrings, code)",
+        )
         require(self.max_docs >= 0, f"--max-docs must be >= 0, got {self.max_docs}")
 
 
@@ -70,7 +73,12 @@ def documents(cfg: CorpusConfig) -> Iterator[dict[str, str]]:
         from pydoc_data.topics import topics
 
         for name in sorted(topics):
-            yield {"id": f"topics/{name}", "text": topics[name], "source": "topics", "path": f"pydoc_data.topics:{name}"}
+            yield {
+                "id": f"topics/{name}",
+                "text": topics[name],
+                "source": "topics",
+                "path": f"pydoc_data.topics:{name}",
+            }
     root = Path(sysconfig.get_paths()["stdlib"])
     for path in stdlib_files():
         rel = path.relative_to(root).as_posix()
@@ -90,8 +98,14 @@ def documents(cfg: CorpusConfig) -> Iterator[dict[str, str]]:
             yield {"id": f"code/{rel}", "text": code, "source": "code", "path": rel}
 
 
-def run(dst: Path | str, cfg: CorpusConfig, *, force: bool = False, progress: Progress = SILENT,
-        stdout: BinaryIO | None = None) -> Manifest | None:
+def run(
+    dst: Path | str,
+    cfg: CorpusConfig,
+    *,
+    force: bool = False,
+    progress: Progress = SILENT,
+    stdout: BinaryIO | None = None,
+) -> Manifest | None:
     """Write the corpus as a docs artifact at `dst`, or as an Arrow stream when `dst` is "-".
 
     Returns:
@@ -102,12 +116,21 @@ def run(dst: Path | str, cfg: CorpusConfig, *, force: bool = False, progress: Pr
         _write(writer, cfg, progress)
         writer.close()
         return None
-    with commit_output(Path(dst), kind="docs", stage="corpus", config=to_dict(cfg), inputs=[], force=force) as out:
+    with commit_output(
+        Path(dst), kind="docs", stage="corpus", config=to_dict(cfg), inputs=[], force=force
+    ) as out:
         writer = DocWriter(out.path)
         _write(writer, cfg, progress)
         writer.close()
-        out.manifest.counts = {"documents": writer.rows, "bytes": writer.bytes, "shards": writer.shards}
-        out.manifest.stats = {"python": sys.version.split()[0], "stdlib": sysconfig.get_paths()["stdlib"]}
+        out.manifest.counts = {
+            "documents": writer.rows,
+            "bytes": writer.bytes,
+            "shards": writer.shards,
+        }
+        out.manifest.stats = {
+            "python": sys.version.split()[0],
+            "stdlib": sysconfig.get_paths()["stdlib"],
+        }
     return out.manifest
 
 

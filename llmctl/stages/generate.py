@@ -35,12 +35,22 @@ class GenerateConfig:
 
     def __post_init__(self) -> None:
         require(self.num_samples >= 1, f"--num-samples must be >= 1, got {self.num_samples}")
-        SamplingConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
+        SamplingConfig(
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+        )
 
     @property
     def sampling(self) -> SamplingConfig:
         """The sampling part."""
-        return SamplingConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
+        return SamplingConfig(
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+        )
 
 
 def run(ckpt: Path, prompt: str, cfg: GenerateConfig) -> Iterator[tuple[int, str]]:
@@ -53,7 +63,9 @@ def run(ckpt: Path, prompt: str, cfg: GenerateConfig) -> Iterator[tuple[int, str
     c = load_checkpoint(ckpt, device=rt.device)
     tok = c.tokenizer
     if cfg.chat:
-        msgs = ([{"role": "system", "content": cfg.system}] if cfg.system else []) + [{"role": "user", "content": prompt}]
+        msgs = ([{"role": "system", "content": cfg.system}] if cfg.system else []) + [
+            {"role": "user", "content": prompt}
+        ]
         ids, _ = tok.render_chat(msgs, add_generation_prompt=True)
         stops = [tok.eos_id, tok.end_id]
     else:
@@ -63,7 +75,9 @@ def run(ckpt: Path, prompt: str, cfg: GenerateConfig) -> Iterator[tuple[int, str
     n = cfg.num_samples
     held: list[list[int]] = [[] for _ in range(n)]
     emitted = [""] * n
-    for step in stream(c.model, [ids] * n, cfg.sampling, stop_ids=stops, generator=gen, pad_id=tok.pad_id):
+    for step in stream(
+        c.model, [ids] * n, cfg.sampling, stop_ids=stops, generator=gen, pad_id=tok.pad_id
+    ):
         for i, t in enumerate(step):
             if t is None or t in stops:
                 continue
@@ -72,5 +86,5 @@ def run(ckpt: Path, prompt: str, cfg: GenerateConfig) -> Iterator[tuple[int, str
             if text.endswith("\ufffd"):  # a multi-byte character is not complete yet
                 continue
             if len(text) > len(emitted[i]):
-                yield i, text[len(emitted[i]):]
+                yield i, text[len(emitted[i]) :]
             emitted[i] = text

@@ -55,13 +55,18 @@ def run(path: Path | str, head: int = 3, max_chars: int = 400, split: str = "tra
     if m.kind == "tokens":
         return _tokens(ins, p, head, max_chars, split)
     if m.kind == "checkpoint":
-        return _checkpoint(ins, p)
+        return _checkpoint(ins, p, head)
     return ins
 
 
 def _summary(m: Manifest) -> dict[str, Any]:
-    s: dict[str, Any] = {"stage": m.stage, "created": m.created, "llmctl": m.llmctl_version,
-                         "wall time (s)": m.wall_time_s, "fingerprint": m.fingerprint[:16]}
+    s: dict[str, Any] = {
+        "stage": m.stage,
+        "created": m.created,
+        "llmctl": m.llmctl_version,
+        "wall time (s)": m.wall_time_s,
+        "fingerprint": m.fingerprint[:16],
+    }
     s.update({f"count.{k}": v for k, v in m.counts.items()})
     s.update({f"stat.{k}": v for k, v in m.stats.items() if not isinstance(v, dict)})
     if m.tokenizer:
@@ -75,27 +80,39 @@ def _docs(ins: Inspection, src, head: int, max_chars: int) -> Inspection:  # noq
         for row in batch.to_pylist():
             if len(ins.rows) >= head:
                 return ins
-            ins.rows.append({k: _clip(v, max_chars) if isinstance(v, str) else v for k, v in row.items()})
+            ins.rows.append(
+                {k: _clip(v, max_chars) if isinstance(v, str) else v for k, v in row.items()}
+            )
     return ins
 
 
 def _tokens(ins: Inspection, p: Path, head: int, max_chars: int, split: str) -> Inspection:
     tok = Tokenizer.load(p)
     ds = IndexedDataset(p / split)
-    ins.summary.update({f"{split}.documents": len(ds), f"{split}.tokens": ds.n_tokens, "dtype": str(ds.dtype)})
+    ins.summary.update(
+        {f"{split}.documents": len(ds), f"{split}.tokens": ds.n_tokens, "dtype": str(ds.dtype)}
+    )
     for i in range(min(head, len(ds))):
         ids = ds[i]
-        ins.rows.append({"doc": i, "tokens": int(ids.size), "first ids": " ".join(map(str, ids[:12])),
-                         "text": _clip(tok.decode(ids.tolist()), max_chars)})
+        ins.rows.append(
+            {
+                "doc": i,
+                "tokens": int(ids.size),
+                "first ids": " ".join(map(str, ids[:12])),
+                "text": _clip(tok.decode(ids.tolist()), max_chars),
+            }
+        )
     return ins
 
 
-def _checkpoint(ins: Inspection, p: Path) -> Inspection:
+def _checkpoint(ins: Inspection, p: Path, head: int) -> Inspection:
     import json
 
     cfg = json.loads((p / "config.json").read_text())
     mc = ModelConfig.from_dict(cfg["model"])
-    ins.summary.update({"params": f"{param_count(mc):,}", **{f"model.{k}": v for k, v in mc.to_dict().items()}})
+    ins.summary.update(
+        {"params": f"{param_count(mc):,}", **{f"model.{k}": v for k, v in mc.to_dict().items()}}
+    )
     recs = read_metrics(p / "metrics.jsonl")
     for r in [r for r in recs if "val_loss" in r][-head:]:
         ins.rows.append(r)

@@ -24,10 +24,22 @@ import torch.nn.functional as F
 
 from llmctl.core.artifacts import Manifest, commit_output, input_record, is_artifact, partial_path
 from llmctl.core.batches import Source, WindowSampler, val_windows
-from llmctl.core.checkpoint import load_checkpoint, load_trainer_state, save_checkpoint, write_checkpoint_files
+from llmctl.core.checkpoint import (
+    load_checkpoint,
+    load_trainer_state,
+    save_checkpoint,
+    write_checkpoint_files,
+)
 from llmctl.core.config import require, to_dict
 from llmctl.core.errors import ConfigError, InputError
-from llmctl.core.model import ModelConfig, Transformer, chinchilla_tokens, flops_per_token, param_count, preset
+from llmctl.core.model import (
+    ModelConfig,
+    Transformer,
+    chinchilla_tokens,
+    flops_per_token,
+    param_count,
+    preset,
+)
 from llmctl.core.optim import make_adamw
 from llmctl.core.plots import plot_metrics
 from llmctl.core.progress import SILENT, Progress
@@ -37,9 +49,30 @@ from llmctl.core.tokens import IndexedDataset
 from llmctl.core.train_loop import Schedule, read_metrics, train, truncate_metrics
 
 # Fields that change the trajectory: a resumed run must agree on these to reproduce the losses.
-TRAJECTORY = ("data", "init", "model", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "rope_theta",
-              "tie_embeddings", "seq_len", "batch_tokens", "micro_batch", "lr", "min_lr", "warmup_steps",
-              "weight_decay", "beta1", "beta2", "grad_clip", "seed", "precision")
+TRAJECTORY = (
+    "data",
+    "init",
+    "model",
+    "d_model",
+    "n_layers",
+    "n_heads",
+    "n_kv_heads",
+    "d_ff",
+    "rope_theta",
+    "tie_embeddings",
+    "seq_len",
+    "batch_tokens",
+    "micro_batch",
+    "lr",
+    "min_lr",
+    "warmup_steps",
+    "weight_decay",
+    "beta1",
+    "beta2",
+    "grad_clip",
+    "seed",
+    "precision",
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -47,7 +80,9 @@ class PretrainConfig:
     """Settings of `llmctl pretrain`."""
 
     data: tuple[str, ...] = ()  # tokens artifacts, each "PATH" or "PATH=WEIGHT"
-    init: str | None = None  # start from this checkpoint's weights (continued pretraining); its shape wins
+    init: str | None = (
+        None  # start from this checkpoint's weights (continued pretraining); its shape wins
+    )
     model: str = "tiny"  # preset: tiny, 124m, 350m, 1b, 7b
     d_model: int | None = None  # override the preset's width
     n_layers: int | None = None  # override the preset's depth
@@ -73,28 +108,53 @@ class PretrainConfig:
     save_every: int = 200  # steps between checkpoints (0 = only at the end)
     keep_checkpoints: int = 2  # newest intermediate checkpoints kept
     device: str = "auto"  # auto, cpu, cuda, cuda:1, mps
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto = bf16 where the hardware supports it
+    precision: Literal["auto", "fp32", "bf16"] = (
+        "auto"  # auto = bf16 where the hardware supports it
+    )
     compile: bool = False  # torch.compile the model
     seed: int = 0  # initialisation and data order
 
     def __post_init__(self) -> None:
-        require(len(self.data) > 0, "no training data: pass a tokens directory (or --data PATH=WEIGHT)")
+        require(
+            len(self.data) > 0, "no training data: pass a tokens directory (or --data PATH=WEIGHT)"
+        )
         require(self.seq_len >= 8, f"--seq-len must be >= 8, got {self.seq_len}")
         require(self.micro_batch >= 1, f"--micro-batch must be >= 1, got {self.micro_batch}")
         require(self.lr > 0, f"--lr must be > 0, got {self.lr}")
-        require(self.max_steps is None or self.max_steps >= 1, f"--max-steps must be >= 1, got {self.max_steps}")
+        require(
+            self.max_steps is None or self.max_steps >= 1,
+            f"--max-steps must be >= 1, got {self.max_steps}",
+        )
         require(self.warmup_steps >= 0, f"--warmup-steps must be >= 0, got {self.warmup_steps}")
-        require(self.keep_checkpoints >= 1, f"--keep-checkpoints must be >= 1, got {self.keep_checkpoints}")
+        require(
+            self.keep_checkpoints >= 1,
+            f"--keep-checkpoints must be >= 1, got {self.keep_checkpoints}",
+        )
         if self.tokens != "auto":
             try:
-                require(float(self.tokens) > 0, f"--tokens must be > 0 or 'auto', got {self.tokens}")
+                require(
+                    float(self.tokens) > 0, f"--tokens must be > 0 or 'auto', got {self.tokens}"
+                )
             except ValueError:
-                raise ConfigError(f"--tokens must be a number or 'auto', got {self.tokens!r}") from None
+                raise ConfigError(
+                    f"--tokens must be a number or 'auto', got {self.tokens!r}"
+                ) from None
 
     def model_config(self, vocab_size: int) -> ModelConfig:
         """The preset with this run's overrides and the tokenizer's vocabulary."""
-        over = {f: getattr(self, f) for f in ("d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "rope_theta", "tie_embeddings")
-                if getattr(self, f) is not None}
+        over = {
+            f: getattr(self, f)
+            for f in (
+                "d_model",
+                "n_layers",
+                "n_heads",
+                "n_kv_heads",
+                "d_ff",
+                "rope_theta",
+                "tie_embeddings",
+            )
+            if getattr(self, f) is not None
+        }
         base = preset(self.model, vocab_size=vocab_size, **over)
         return base.replace(max_seq_len=max(base.max_seq_len, self.seq_len))
 
@@ -107,7 +167,10 @@ def parse_data(entries: tuple[str, ...]) -> list[tuple[str, float]]:
         try:
             weight = float(w)
         except ValueError:
-            raise ConfigError(f"--data {e!r}: weight {w!r} is not a number", "use PATH=WEIGHT, e.g. --data web/=0.7") from None
+            raise ConfigError(
+                f"--data {e!r}: weight {w!r} is not a number",
+                "use PATH=WEIGHT, e.g. --data web/=0.7",
+            ) from None
         require(weight > 0, f"--data {e!r}: weight must be > 0")
         out.append((path if sep else e, weight))
     return out
@@ -135,19 +198,27 @@ def _open_data(cfg: PretrainConfig) -> _Data:
         if tok is None:
             tok = t
         elif t.fingerprint != tok.fingerprint:
-            raise InputError(f"{p} uses tokenizer {t.fingerprint}, {cfg.data[0]} uses {tok.fingerprint}",
-                             f"re-tokenize with one tokenizer: llmctl tokenize DOCS -o {p} --tokenizer {parse_data(cfg.data)[0][0]}")
+            raise InputError(
+                f"{p} uses tokenizer {t.fingerprint}, {cfg.data[0]} uses {tok.fingerprint}",
+                f"re-tokenize with one tokenizer: llmctl tokenize DOCS -o {p} --tokenizer {parse_data(cfg.data)[0][0]}",
+            )
         train_ds = IndexedDataset(p / "train")
         if train_ds.n_tokens <= cfg.seq_len + 1:
-            raise InputError(f"{p} has {train_ds.n_tokens} training tokens, fewer than one {cfg.seq_len}-token window",
-                             "add data or lower --seq-len")
+            raise InputError(
+                f"{p} has {train_ds.n_tokens} training tokens, fewer than one {cfg.seq_len}-token window",
+                "add data or lower --seq-len",
+            )
         sources.append(Source(str(p), train_ds, weight))
         val.append((str(p), weight, IndexedDataset(p / "val")))
         inputs.append(input_record(p, "tokens"))
         if "unigram_loss_val" in m.stats:
             unigram.append((weight, m.stats["unigram_loss_val"]))
     assert tok is not None
-    ubase = sum(w * u for w, u in unigram) / sum(w for w, _ in unigram) if unigram and len(unigram) == len(sources) else None
+    ubase = (
+        sum(w * u for w, u in unigram) / sum(w for w, _ in unigram)
+        if unigram and len(unigram) == len(sources)
+        else None
+    )
     return _Data(WindowSampler(sources, cfg.seq_len, cfg.seed), val, tok, inputs, ubase)
 
 
@@ -163,19 +234,34 @@ def plan(cfg: PretrainConfig, vocab_size: int, world_size: int = 1) -> dict:
     accum = cfg.batch_tokens // rows
     budget = chinchilla_tokens(mcfg) if cfg.tokens == "auto" else int(float(cfg.tokens))
     steps = cfg.max_steps or max(1, math.ceil(budget / cfg.batch_tokens))
-    return {"model": mcfg, "grad_accum": accum, "steps": steps, "tokens": steps * cfg.batch_tokens,
-            "params": param_count(mcfg), "flops_per_token": flops_per_token(mcfg, cfg.seq_len)}
+    return {
+        "model": mcfg,
+        "grad_accum": accum,
+        "steps": steps,
+        "tokens": steps * cfg.batch_tokens,
+        "params": param_count(mcfg),
+        "flops_per_token": flops_per_token(mcfg, cfg.seq_len),
+    }
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """Newest complete `checkpoints/step-N` in a run directory."""
-    ckpts = sorted((run_dir / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    ckpts = sorted(
+        (run_dir / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1])
+    )
     ckpts = [c for c in ckpts if is_artifact(c)]
     return ckpts[-1] if ckpts else None
 
 
-def run(dst: Path, cfg: PretrainConfig, *, force: bool = False, resume: bool = False, progress: Progress = SILENT,
-        runtime: Runtime | None = None) -> Manifest:
+def run(
+    dst: Path,
+    cfg: PretrainConfig,
+    *,
+    force: bool = False,
+    resume: bool = False,
+    progress: Progress = SILENT,
+    runtime: Runtime | None = None,
+) -> Manifest:
     """Train a model on tokens artifacts and write the final checkpoint to `dst`.
 
     Raises:
@@ -189,11 +275,20 @@ def run(dst: Path, cfg: PretrainConfig, *, force: bool = False, resume: bool = F
     torch.manual_seed(cfg.seed)
     if cfg.init:
         # The tokens must be encoded with the checkpoint's tokenizer: load_checkpoint checks fingerprints.
-        model = load_checkpoint(Path(cfg.init), device=rt.device, tokenizer=data.tokenizer).model.train()
+        model = load_checkpoint(
+            Path(cfg.init), device=rt.device, tokenizer=data.tokenizer
+        ).model.train()
         data.inputs.append(input_record(cfg.init, "checkpoint"))
-        p = {**p, "model": model.cfg, "params": param_count(model.cfg), "flops_per_token": flops_per_token(model.cfg, cfg.seq_len)}
+        p = {
+            **p,
+            "model": model.cfg,
+            "params": param_count(model.cfg),
+            "flops_per_token": flops_per_token(model.cfg, cfg.seq_len),
+        }
         if cfg.seq_len > model.cfg.max_seq_len:
-            raise ConfigError(f"--seq-len {cfg.seq_len} exceeds {cfg.init}'s context ({model.cfg.max_seq_len})")
+            raise ConfigError(
+                f"--seq-len {cfg.seq_len} exceeds {cfg.init}'s context ({model.cfg.max_seq_len})"
+            )
     else:
         model = Transformer(p["model"]).to(rt.device)
     mcfg: ModelConfig = model.cfg
@@ -202,22 +297,39 @@ def run(dst: Path, cfg: PretrainConfig, *, force: bool = False, resume: bool = F
     start, resumed_from = 0, None
     if resume:
         start, resumed_from = _resume(run_dir, cfg, model, opt, rt)
-    with commit_output(dst, kind="checkpoint", stage="pretrain", config=to_dict(cfg), inputs=data.inputs, force=force,
-                       keep_partial_on_error=True, fresh=not resume) as out:
+    with commit_output(
+        dst,
+        kind="checkpoint",
+        stage="pretrain",
+        config=to_dict(cfg),
+        inputs=data.inputs,
+        force=force,
+        keep_partial_on_error=True,
+        fresh=not resume,
+    ) as out:
         (out.path / "checkpoints").mkdir(exist_ok=True)
         metrics = out.path / "metrics.jsonl"
         if resume:
             truncate_metrics(metrics, start)
-        val_sets = [(name, w, val_windows(ds, cfg.seq_len, cfg.eval_rows)) for name, w, ds in data.val]
+        val_sets = [
+            (name, w, val_windows(ds, cfg.seq_len, cfg.eval_rows)) for name, w, ds in data.val
+        ]
         val_sets = [v for v in val_sets if len(v[2])]
         if not val_sets:
-            progress.log("no validation tokens (tokenize with a larger --val-fraction): validation is skipped")
+            progress.log(
+                "no validation tokens (tokenize with a larger --val-fraction): validation is skipped"
+            )
         train_model = torch.compile(model) if cfg.compile else model
         schedule = Schedule(
-            total_steps=p["steps"], grad_accum=p["grad_accum"], lr=cfg.lr,
+            total_steps=p["steps"],
+            grad_accum=p["grad_accum"],
+            lr=cfg.lr,
             min_lr=cfg.min_lr if cfg.min_lr is not None else cfg.lr / 10,
-            warmup_steps=min(cfg.warmup_steps, p["steps"] // 10 + 1), grad_clip=cfg.grad_clip,
-            eval_every=cfg.eval_every, save_every=cfg.save_every, tokens_per_step=cfg.batch_tokens,
+            warmup_steps=min(cfg.warmup_steps, p["steps"] // 10 + 1),
+            grad_clip=cfg.grad_clip,
+            eval_every=cfg.eval_every,
+            save_every=cfg.save_every,
+            tokens_per_step=cfg.batch_tokens,
             flops_per_token=p["flops_per_token"],
         )
         micro_rows = cfg.micro_batch
@@ -228,10 +340,21 @@ def run(dst: Path, cfg: PretrainConfig, *, force: bool = False, resume: bool = F
 
         def save(done: int) -> Path:
             path = out.path / "checkpoints" / f"step-{done:07d}"
-            m = Manifest(kind="checkpoint", stage="pretrain", config=to_dict(cfg), inputs=data.inputs,
-                         counts={"steps": done, "tokens": done * cfg.batch_tokens})
-            save_checkpoint(path, model, data.tokenizer, optimizer=opt, manifest=m,
-                            trainer_state={"step": done, "config": to_dict(cfg)})
+            m = Manifest(
+                kind="checkpoint",
+                stage="pretrain",
+                config=to_dict(cfg),
+                inputs=data.inputs,
+                counts={"steps": done, "tokens": done * cfg.batch_tokens},
+            )
+            save_checkpoint(
+                path,
+                model,
+                data.tokenizer,
+                optimizer=opt,
+                manifest=m,
+                trainer_state={"step": done, "config": to_dict(cfg)},
+            )
             for old in sorted((out.path / "checkpoints").glob("step-*"))[: -cfg.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
             return path
@@ -243,7 +366,11 @@ def run(dst: Path, cfg: PretrainConfig, *, force: bool = False, resume: bool = F
                 for i in range(0, len(windows), micro_rows):
                     chunk = windows[i : i + micro_rows].to(rt.device)
                     logits = model(chunk[:, :-1])
-                    losses.append(F.cross_entropy(logits.float().flatten(0, 1), chunk[:, 1:].flatten(), reduction="sum"))
+                    losses.append(
+                        F.cross_entropy(
+                            logits.float().flatten(0, 1), chunk[:, 1:].flatten(), reduction="sum"
+                        )
+                    )
                 loss = float(sum(losses)) / windows[:, 1:].numel()
                 res[f"val_loss/{Path(name).name}" if len(val_sets) > 1 else "val_loss"] = loss
                 total += w * loss
@@ -253,14 +380,39 @@ def run(dst: Path, cfg: PretrainConfig, *, force: bool = False, resume: bool = F
 
         t0 = time.perf_counter()
         model.train()
-        result = train(train_model, opt, rt, schedule, start_step=start, batch=batch, loss_fn=lm_loss, save=save,
-                       evaluate=evaluate if val_sets else None, metrics_path=metrics, progress=progress)
-        write_checkpoint_files(out.path, model, data.tokenizer, optimizer=opt,
-                               trainer_state={"step": result.step, "config": to_dict(cfg)})
+        result = train(
+            train_model,
+            opt,
+            rt,
+            schedule,
+            start_step=start,
+            batch=batch,
+            loss_fn=lm_loss,
+            save=save,
+            evaluate=evaluate if val_sets else None,
+            metrics_path=metrics,
+            progress=progress,
+        )
+        write_checkpoint_files(
+            out.path,
+            model,
+            data.tokenizer,
+            optimizer=opt,
+            trainer_state={"step": result.step, "config": to_dict(cfg)},
+        )
         records = read_metrics(metrics)
-        plot_metrics(records, out.path / "loss.png", title=f"pretrain {dst.name}", baseline=data.unigram)
-        out.manifest.tokenizer = {"fingerprint": data.tokenizer.fingerprint, "vocab_size": data.tokenizer.vocab_size}
-        out.manifest.counts = {"steps": result.step, "tokens": result.step * cfg.batch_tokens, "params": p["params"]}
+        plot_metrics(
+            records, out.path / "loss.png", title=f"pretrain {dst.name}", baseline=data.unigram
+        )
+        out.manifest.tokenizer = {
+            "fingerprint": data.tokenizer.fingerprint,
+            "vocab_size": data.tokenizer.vocab_size,
+        }
+        out.manifest.counts = {
+            "steps": result.step,
+            "tokens": result.step * cfg.batch_tokens,
+            "params": p["params"],
+        }
         out.manifest.stats = {
             "train_loss": round(result.last_loss, 5),
             **{k: round(v, 5) for k, v in (result.last_val or {}).items()},
@@ -281,13 +433,20 @@ def lm_loss(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) ->
     return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
 
 
-def _resume(run_dir: Path, cfg: PretrainConfig, model: Transformer, opt: torch.optim.Optimizer, rt: Runtime) -> tuple[int, Path]:
+def _resume(
+    run_dir: Path, cfg: PretrainConfig, model: Transformer, opt: torch.optim.Optimizer, rt: Runtime
+) -> tuple[int, Path]:
     ckpt = latest_checkpoint(run_dir) if run_dir.is_dir() else None
     if ckpt is None:
-        raise InputError(f"nothing to resume: no checkpoint in {run_dir / 'checkpoints'}", "run without --resume")
+        raise InputError(
+            f"nothing to resume: no checkpoint in {run_dir / 'checkpoints'}", "run without --resume"
+        )
     loaded = load_checkpoint(ckpt, device=rt.device)
     if loaded.model.cfg != model.cfg:
-        raise ConfigError(f"{ckpt} has a different model shape than this run's flags", "resume with the original flags")
+        raise ConfigError(
+            f"{ckpt} has a different model shape than this run's flags",
+            "resume with the original flags",
+        )
     model.load_state_dict(loaded.model.state_dict())
     state = load_trainer_state(ckpt, opt)
     saved = state.get("config", {})

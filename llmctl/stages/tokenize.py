@@ -55,17 +55,31 @@ class TokenizeConfig:
     val_fraction: float = 0.005  # share of documents held out for validation
     workers: int = 0  # encoding processes (0 = all cores)
     text_column: str = "text"  # column holding the text
-    encoding_errors: Literal["strict", "replace"] = "strict"  # non-UTF-8 input: fail, or replace bytes
+    encoding_errors: Literal["strict", "replace"] = (
+        "strict"  # non-UTF-8 input: fail, or replace bytes
+    )
     seed: int = 0  # drives the tokenizer sample and the train/val split
 
     def __post_init__(self) -> None:
-        require(self.vocab_size >= 300, f"--vocab-size must be >= 300 (256 byte tokens + specials), got {self.vocab_size}")
+        require(
+            self.vocab_size >= 300,
+            f"--vocab-size must be >= 300 (256 byte tokens + specials), got {self.vocab_size}",
+        )
         require(self.train_bytes >= 1000, f"--train-bytes must be >= 1000, got {self.train_bytes}")
-        require(0 <= self.val_fraction < 1, f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        require(
+            0 <= self.val_fraction < 1, f"--val-fraction must be in [0, 1), got {self.val_fraction}"
+        )
         require(self.workers >= 0, f"--workers must be >= 0, got {self.workers}")
 
 
-def run(src: str | Path, dst: Path, cfg: TokenizeConfig, *, force: bool = False, progress: Progress = SILENT) -> Manifest:
+def run(
+    src: str | Path,
+    dst: Path,
+    cfg: TokenizeConfig,
+    *,
+    force: bool = False,
+    progress: Progress = SILENT,
+) -> Manifest:
     """Tokenize a docs input into a tokens artifact at `dst`.
 
     Raises:
@@ -73,7 +87,9 @@ def run(src: str | Path, dst: Path, cfg: TokenizeConfig, *, force: bool = False,
     """
     source = open_docs(src, cfg.text_column, cfg.encoding_errors)
     inputs = [source.record()]
-    with commit_output(dst, kind="tokens", stage="tokenize", config=to_dict(cfg), inputs=inputs, force=force) as out:
+    with commit_output(
+        dst, kind="tokens", stage="tokenize", config=to_dict(cfg), inputs=inputs, force=force
+    ) as out:
         if source.path == "-":
             source = _spool_stdin(source, out.path / ".stdin.parquet")
         if cfg.tokenizer:
@@ -88,9 +104,15 @@ def run(src: str | Path, dst: Path, cfg: TokenizeConfig, *, force: bool = False,
         for f in out.path.glob(".stdin.parquet"):
             f.unlink()
         out.manifest.counts = counts
-        out.manifest.tokenizer = {"fingerprint": tok.fingerprint, "vocab_size": tok.vocab_size, "reused": bool(cfg.tokenizer)}
+        out.manifest.tokenizer = {
+            "fingerprint": tok.fingerprint,
+            "vocab_size": tok.vocab_size,
+            "reused": bool(cfg.tokenizer),
+        }
         out.manifest.stats = {
-            "bytes_per_token": round(counts["bytes"] / max(1, counts["tokens"] - 2 * counts["documents"]), 4),
+            "bytes_per_token": round(
+                counts["bytes"] / max(1, counts["tokens"] - 2 * counts["documents"]), 4
+            ),
             "tokenizer_train_seconds": round(train_seconds, 2),
             **unigram,
         }
@@ -133,11 +155,16 @@ def _train(source: DocSource, cfg: TokenizeConfig, progress: Progress) -> Tokeni
     docs = [t for _, _, t in sorted(heap, key=lambda x: x[1])]
     progress.start(f"train tokenizer ({cfg.vocab_size} ids, {size / 1e6:.1f} MB)", None)
     try:
-        model = train_tokenizer((line for d in docs for line in d.split("\n") if line), cfg.vocab_size,
-                                num_threads=max(1, os.cpu_count() or 1))
+        model = train_tokenizer(
+            (line for d in docs for line in d.split("\n") if line),
+            cfg.vocab_size,
+            num_threads=max(1, os.cpu_count() or 1),
+        )
     except RuntimeError as e:
-        raise InputError(f"SentencePiece could not train on this input: {e}",
-                         "use a smaller --vocab-size or more text (--train-bytes)") from None
+        raise InputError(
+            f"SentencePiece could not train on this input: {e}",
+            "use a smaller --vocab-size or more text (--train-bytes)",
+        ) from None
     finally:
         progress.stop()
     return Tokenizer.from_bytes(model)
@@ -155,7 +182,9 @@ def _init_worker(model_bytes: bytes) -> None:
 def _encode_chunk(texts: list[str]) -> list[np.ndarray]:
     assert _WORKER_TOK is not None
     dt = token_dtype(_WORKER_TOK.vocab_size)
-    return [np.asarray(ids, dtype=dt) for ids in _WORKER_TOK.encode_batch(texts, bos=True, eos=True)]
+    return [
+        np.asarray(ids, dtype=dt) for ids in _WORKER_TOK.encode_batch(texts, bos=True, eos=True)
+    ]
 
 
 class _Chunks:
@@ -177,10 +206,18 @@ class _Chunks:
             yield buf
 
 
-def _encode_all(source: DocSource, tok: Tokenizer, out: Path, cfg: TokenizeConfig, progress: Progress) -> tuple[dict, dict]:
+def _encode_all(
+    source: DocSource, tok: Tokenizer, out: Path, cfg: TokenizeConfig, progress: Progress
+) -> tuple[dict, dict]:
     dtype = token_dtype(tok.vocab_size)
-    writers = {"train": IndexedWriter(out / "train", dtype), "val": IndexedWriter(out / "val", dtype)}
-    counts = {"train": np.zeros(tok.vocab_size, dtype=np.int64), "val": np.zeros(tok.vocab_size, dtype=np.int64)}
+    writers = {
+        "train": IndexedWriter(out / "train", dtype),
+        "val": IndexedWriter(out / "val", dtype),
+    }
+    counts = {
+        "train": np.zeros(tok.vocab_size, dtype=np.int64),
+        "val": np.zeros(tok.vocab_size, dtype=np.int64),
+    }
     chunks = _Chunks(source)
     workers = cfg.workers or os.cpu_count() or 1
     n_docs = 0
@@ -197,7 +234,11 @@ def _encode_all(source: DocSource, tok: Tokenizer, out: Path, cfg: TokenizeConfi
             results = (_encode_chunk(c) for c in chunks)
         for arrays in results:
             for ids in arrays:
-                split = "val" if _doc_key(cfg.seed, n_docs, b"val-split") < cfg.val_fraction else "train"
+                split = (
+                    "val"
+                    if _doc_key(cfg.seed, n_docs, b"val-split") < cfg.val_fraction
+                    else "train"
+                )
                 writers[split].add(ids)
                 counts[split] += np.bincount(ids, minlength=tok.vocab_size)
                 n_docs += 1
@@ -209,9 +250,13 @@ def _encode_all(source: DocSource, tok: Tokenizer, out: Path, cfg: TokenizeConfi
     for w in writers.values():
         w.close()
     if n_docs == 0:
-        raise InputError(f"{source.path} contains no non-empty documents", "check the input and --text-column")
+        raise InputError(
+            f"{source.path} contains no non-empty documents", "check the input and --text-column"
+        )
     if writers["train"].n_docs == 0:
-        raise InputError("every document went to the validation split", "lower --val-fraction or add documents")
+        raise InputError(
+            "every document went to the validation split", "lower --val-fraction or add documents"
+        )
     result = {
         "documents": n_docs,
         "bytes": chunks.bytes,

@@ -11,9 +11,22 @@ from llmctl.stages import corpus, tokenize
 from llmctl.stages.pretrain import PretrainConfig
 
 # 2 layers, d_model 32: a few ms per step on a laptop CPU.
-TINY_MODEL = dict(model="tiny", d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, seq_len=32,
-                  batch_tokens=256, micro_batch=4, warmup_steps=2, eval_every=0, save_every=0, precision="fp32",
-                  device="cpu")
+TINY_MODEL = {
+    "model": "tiny",
+    "d_model": 32,
+    "n_layers": 2,
+    "n_heads": 4,
+    "n_kv_heads": 2,
+    "d_ff": 64,
+    "seq_len": 32,
+    "batch_tokens": 256,
+    "micro_batch": 4,
+    "warmup_steps": 2,
+    "eval_every": 0,
+    "save_every": 0,
+    "precision": "fp32",
+    "device": "cpu",
+}
 
 
 def tiny_pretrain(tokens: Path, **over: object) -> PretrainConfig:
@@ -51,5 +64,7 @@ def docs_jsonl(tmp_path_factory: pytest.TempPathFactory, docs_dir: Path) -> Path
 def tokens_dir(tmp_path_factory: pytest.TempPathFactory, docs_dir: Path) -> Path:
     """Tokens artifact with a 512-id tokenizer and a 10% validation split."""
     out = tmp_path_factory.mktemp("tokens") / "tokens"
-    tokenize.run(docs_dir, out, tokenize.TokenizeConfig(vocab_size=512, val_fraction=0.1, workers=1))
+    tokenize.run(
+        docs_dir, out, tokenize.TokenizeConfig(vocab_size=512, val_fraction=0.1, workers=1)
+    )
     return out

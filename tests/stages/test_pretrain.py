@@ -28,13 +28,19 @@ def one_doc_tokens(tmp_path_factory: pytest.TempPathFactory, tokens_dir: Path) -
     text = "The quick brown fox jumps over the lazy dog; pack my box with five dozen liquor jugs."
     src.write_text(json.dumps({"text": text}) + "\n")
     out = root / "tokens"
-    tokenize.run(src, out, tokenize.TokenizeConfig(tokenizer=str(tokens_dir), val_fraction=0, workers=1))
+    tokenize.run(
+        src, out, tokenize.TokenizeConfig(tokenizer=str(tokens_dir), val_fraction=0, workers=1)
+    )
     return out
 
 
 @pytest.mark.slow  # 60 optimizer steps
-def test_tiny_model_overfits_small_dataset(tiny_pretrain, tmp_path: Path, one_doc_tokens: Path) -> None:
-    cfg = tiny_pretrain(one_doc_tokens, seq_len=16, max_steps=60, lr=1e-2, batch_tokens=128, micro_batch=8)
+def test_tiny_model_overfits_small_dataset(
+    tiny_pretrain, tmp_path: Path, one_doc_tokens: Path
+) -> None:
+    cfg = tiny_pretrain(
+        one_doc_tokens, seq_len=16, max_steps=60, lr=1e-2, batch_tokens=128, micro_batch=8
+    )
     m = pretrain.run(tmp_path / "ck", cfg)
     trace = losses(tmp_path / "ck")
     assert trace[1] > 5.5  # ~ln(512) at init
@@ -61,11 +67,15 @@ class CrashAt(Silent):
 
 
 @pytest.mark.slow  # three short training runs
-def test_resume_reproduces_uninterrupted_loss_trace(tiny_pretrain, tmp_path: Path, tokens_dir: Path) -> None:
+def test_resume_reproduces_uninterrupted_loss_trace(
+    tiny_pretrain, tmp_path: Path, tokens_dir: Path
+) -> None:
     cfg = tiny_pretrain(tokens_dir, max_steps=10, save_every=4, eval_every=5)
     pretrain.run(tmp_path / "full", cfg)
     with pytest.raises(Crash):
-        pretrain.run(tmp_path / "cut", cfg, progress=CrashAt(7))  # dies after step 7; checkpoint at 4
+        pretrain.run(
+            tmp_path / "cut", cfg, progress=CrashAt(7)
+        )  # dies after step 7; checkpoint at 4
     assert not (tmp_path / "cut").exists()
     assert (partial_path(tmp_path / "cut") / "checkpoints" / "step-0000004").is_dir()
     m = pretrain.run(tmp_path / "cut", cfg, resume=True)
@@ -84,45 +94,69 @@ def test_resume_refuses_changed_settings(tiny_pretrain, tmp_path: Path, tokens_d
     with pytest.raises(Crash):
         pretrain.run(tmp_path / "r", cfg, progress=CrashAt(3))
     with pytest.raises(ConfigError, match="lr"):
-        pretrain.run(tmp_path / "r", tiny_pretrain(tokens_dir, max_steps=4, save_every=2, lr=1e-4), resume=True)
+        pretrain.run(
+            tmp_path / "r",
+            tiny_pretrain(tokens_dir, max_steps=4, save_every=2, lr=1e-4),
+            resume=True,
+        )
 
 
-def test_non_finite_loss_stops_and_keeps_last_checkpoint(tiny_pretrain, tmp_path: Path, tokens_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(
+    tiny_pretrain, tmp_path: Path, tokens_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     calls = {"n": 0}
     real = pretrain.lm_loss
 
     def poisoned(model, batch):  # noqa: ANN001, ANN202
         calls["n"] += 1
         loss = real(model, batch)
-        return loss * float("nan") if calls["n"] > 6 else loss  # 2 micro-steps per step: step 4 is NaN
+        return (
+            loss * float("nan") if calls["n"] > 6 else loss
+        )  # 2 micro-steps per step: step 4 is NaN
 
     monkeypatch.setattr(pretrain, "lm_loss", poisoned)
-    with pytest.raises(TrainingError, match=r"loss became nan \(grad norm nan\) at step 4; the last good checkpoint is .*step-0000002"):
+    with pytest.raises(
+        TrainingError,
+        match=r"loss became nan \(grad norm nan\) at step 4; the last good checkpoint is .*step-0000002",
+    ):
         pretrain.run(tmp_path / "nan", tiny_pretrain(tokens_dir, max_steps=8, save_every=2))
     assert not (tmp_path / "nan").exists()
     ck = partial_path(tmp_path / "nan") / "checkpoints" / "step-0000002"
     assert all(torch.isfinite(v).all() for v in load_checkpoint(ck).model.state_dict().values())
 
 
-def test_init_with_a_different_tokenizer_fails_clearly(tiny_pretrain, tmp_path: Path, tokens_dir: Path, docs_dir: Path) -> None:
+def test_init_with_a_different_tokenizer_fails_clearly(
+    tiny_pretrain, tmp_path: Path, tokens_dir: Path, docs_dir: Path
+) -> None:
     pretrain.run(tmp_path / "base", tiny_pretrain(tokens_dir, max_steps=1))
     other = tmp_path / "other"
     tokenize.run(docs_dir, other, tokenize.TokenizeConfig(vocab_size=400, workers=1))
     with pytest.raises(InputError, match="tokenizer .* does not match checkpoint"):
-        pretrain.run(tmp_path / "cont", tiny_pretrain(other, init=str(tmp_path / "base"), max_steps=1))
+        pretrain.run(
+            tmp_path / "cont", tiny_pretrain(other, init=str(tmp_path / "base"), max_steps=1)
+        )
     assert not (tmp_path / "cont").exists()
     # Same tokenizer: continued pretraining starts from the checkpoint's weights.
-    m = pretrain.run(tmp_path / "cont", tiny_pretrain(tokens_dir, init=str(tmp_path / "base"), max_steps=1))
+    m = pretrain.run(
+        tmp_path / "cont", tiny_pretrain(tokens_dir, init=str(tmp_path / "base"), max_steps=1)
+    )
     assert any(i["kind"] == "checkpoint" for i in m.inputs)
 
 
-def test_mixture_of_two_datasets(tiny_pretrain, tmp_path: Path, tokens_dir: Path, one_doc_tokens: Path) -> None:
-    cfg = tiny_pretrain(tokens_dir, data=(f"{tokens_dir}=0.7", f"{one_doc_tokens}=0.3"), max_steps=2)
+def test_mixture_of_two_datasets(
+    tiny_pretrain, tmp_path: Path, tokens_dir: Path, one_doc_tokens: Path
+) -> None:
+    cfg = tiny_pretrain(
+        tokens_dir, data=(f"{tokens_dir}=0.7", f"{one_doc_tokens}=0.3"), max_steps=2
+    )
     m = pretrain.run(tmp_path / "mix", cfg)
-    assert len(m.inputs) == 2 and m.counts["steps"] == 2
+    assert len(m.inputs) == 2
+    assert m.counts["steps"] == 2
 
 
-def test_batch_tokens_must_fill_micro_batches(tiny_pretrain, tokens_dir: Path, tmp_path: Path) -> None:
+def test_batch_tokens_must_fill_micro_batches(
+    tiny_pretrain, tokens_dir: Path, tmp_path: Path
+) -> None:
     with pytest.raises(ConfigError, match="not a multiple"):
         pretrain.run(tmp_path / "x", tiny_pretrain(tokens_dir, batch_tokens=300, max_steps=1))
 
@@ -138,6 +172,8 @@ def test_tokens_auto_is_chinchilla(tiny_pretrain, tokens_dir: Path) -> None:
 def test_checkpoint_manifest(tiny_pretrain, tmp_path: Path, tokens_dir: Path) -> None:
     pretrain.run(tmp_path / "c", tiny_pretrain(tokens_dir, max_steps=2))
     m = Manifest.read(tmp_path / "c")
-    assert m.kind == "checkpoint" and m.stage == "pretrain"
-    assert m.config["max_steps"] == 2 and m.tokenizer["vocab_size"] == 512
+    assert m.kind == "checkpoint"
+    assert m.stage == "pretrain"
+    assert m.config["max_steps"] == 2
+    assert m.tokenizer["vocab_size"] == 512
     assert m.stats["unigram_loss_val"] > 0
