@@ -4,8 +4,9 @@ chat template.
 Training choices (and why): BPE with byte fallback, so no input is ever out of vocabulary; digits
 split one per token (better arithmetic, as in Llama and PaLM); identity normalisation, no dummy
 prefix and no whitespace collapsing, so `decode(encode(s)) == s` for any text, code and indentation
-included. Special tokens are *control* symbols: text that happens to spell "<|user|>" is encoded as
-ordinary characters and can never forge a role marker.
+included, with one exception: SentencePiece writes spaces as U+2581 ("▁"), so a literal U+2581 in
+the input comes back as a space. Special tokens are *control* symbols: text that happens to spell
+"<|user|>" is encoded as ordinary characters and can never forge a role marker.
 
 Ids: 0 <unk>, 1 <s> (BOS), 2 </s> (EOS), 3 <pad>, then the chat markers <|system|>, <|user|>,
 <|assistant|>, <|end|>. A conversation renders as

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sysconfig
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -21,6 +21,16 @@ _EXTRA_LINES = [
     "مرحبا بالعالم",
     "Ελληνικά κείμενα και русский текст.",
 ]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread() -> Iterator[None]:
+    """Run torch single-threaded: these tensors are tiny, so intra-op threads buy nothing, and
+    OpenMP's spinning workers slow tiny ops down many times over when CPU cores are shared (CI)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")
