@@ -23,10 +23,11 @@ _EXTRA_LINES = [
 ]
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(scope="module", autouse=True)
 def _one_torch_thread() -> Iterator[None]:
     """Run torch single-threaded: these tensors are tiny, so intra-op threads buy nothing, and
-    OpenMP's spinning workers slow tiny ops down many times over when CPU cores are shared (CI)."""
+    OpenMP's spinning workers slow tiny ops down many times over when CPU cores are shared (CI).
+    Module scope, so the setting is restored before tests outside tests/core run."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
