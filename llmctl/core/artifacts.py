@@ -232,14 +232,14 @@ def commit_output(
     out = Output(part, manifest)
     try:
         yield out
+        manifest.wall_time_s = round(manifest.wall_time_s or (time.time() - t0), 3)
+        manifest.created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        manifest.fingerprint = dir_fingerprint(part)
+        manifest.write(part)
     except BaseException:
         if not keep_partial_on_error:
             shutil.rmtree(part, ignore_errors=True)
         raise
-    manifest.wall_time_s = round(manifest.wall_time_s or (time.time() - t0), 3)
-    manifest.created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    manifest.fingerprint = dir_fingerprint(part)
-    manifest.write(part)
     if dst.exists():
         old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
         os.replace(dst, old)

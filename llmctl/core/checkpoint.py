@@ -259,7 +259,10 @@ def load_trainer_state(path: Path, optimizer: torch.optim.Optimizer | None) -> d
         raise InputError(
             f"{path} has no trainer state to resume from", "start a new run without --resume"
         )
-    meta = json.loads((path / STATE_JSON).read_text())
+    try:
+        meta = json.loads((path / STATE_JSON).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{path / STATE_JSON} is corrupt ({e})", "resume from an earlier checkpoint") from None
     try:
         tensors = load_file(str(path / STATE_TENSORS), device="cpu")
     except (SafetensorError, OSError) as e:
