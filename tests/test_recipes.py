@@ -1,0 +1,38 @@
+"""recipes/: every config resolves into its stages' configs, and the Makefile's plan is the pipeline."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+from llmctl.core.config import build_config, load_toml
+from llmctl.stages.corpus import CorpusConfig
+from llmctl.stages.generate import GenerateConfig
+from llmctl.stages.pretrain import PretrainConfig, plan
+from llmctl.stages.tokenize import TokenizeConfig
+
+TINY = Path(__file__).parent.parent / "recipes" / "tiny"
+
+
+def test_tiny_config_resolves_for_every_stage() -> None:
+    toml = load_toml(TINY / "tiny.toml")
+    build_config(CorpusConfig, toml, "corpus")
+    tok = build_config(TokenizeConfig, toml, "tokenize")
+    pre = build_config(PretrainConfig, toml, "pretrain", data=("out/tokens",))
+    build_config(GenerateConfig, toml, "generate")
+    p = plan(pre, tok.vocab_size)
+    assert p["steps"] == pre.max_steps
+    assert p["grad_accum"] >= 1
+    # The demo must stay small: about a million training tokens.
+    assert p["tokens"] <= 2_000_000
+
+
+def test_tiny_makefile_plan(tmp_path: Path) -> None:
+    r = subprocess.run(
+        ["make", "-n", "-C", str(TINY), "LLMCTL=llmctl", f"OUT={tmp_path}/out"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    stages = [ln.split()[3] for ln in r.stdout.splitlines() if ln.startswith("llmctl --seed")]
+    assert stages == ["corpus", "tokenize", "pretrain", "generate"]
