@@ -5,6 +5,13 @@ column plus metadata columns, and a `manifest.json`. Readers also take, without 
 Parquet files, JSONL (optionally .gz or .zst), plain .txt files (one document per file), a
 directory holding any of those, and `-`: an Arrow IPC stream on stdin. Everything streams in record
 batches, so no stage holds a corpus in memory. The text column is renamed to `text` on the way in.
+
+Inside an artifact directory only the top-level files are documents: subdirectories hold side
+datasets (a `duplicates/` or `rejected/` report) that are not read as documents. A plain directory
+without a manifest is searched recursively.
+
+For `--shard K/N`, an input splits into units (`DocSource.units`): one per Parquet row group, one per
+JSONL or .txt file, one for stdin. Unit number i, counted in input order, belongs to shard i mod N.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Literal
+from typing import Any, BinaryIO, Literal, NamedTuple
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -36,6 +43,15 @@ def _suffix(p: Path) -> str:
         if name.endswith(s):
             return s
     return p.suffix.lower()
+
+
+class Unit(NamedTuple):
+    """The smallest piece of an input that `--shard K/N` hands out whole."""
+
+    file: int  # index into DocSource.files (0 for stdin)
+    row_group: int | None  # Parquet row group; None for a whole JSONL/.txt file or stdin
+    first_row: int  # row number, within its file, of the unit's first document
+    rows: int | None  # documents in it, when known without reading (Parquet)
 
 
 @dataclass
@@ -78,6 +94,46 @@ class DocSource:
                 f"{self.path} contains no documents", "check the input path and filters"
             )
 
+    def units(self) -> list[Unit]:
+        """The input's units in input order (reads only Parquet footers).
+
+        Raises:
+            InputError: An unreadable Parquet file, or one without the text column.
+        """
+        if self.path == "-":
+            return [Unit(0, None, 0, None)]
+        out = []
+        for i, f in enumerate(self.files):
+            if _suffix(f) != ".parquet":
+                out.append(Unit(i, None, 0, None))
+                continue
+            meta = self._parquet_file(f).metadata
+            first = 0
+            for rg in range(meta.num_row_groups):
+                rows = meta.row_group(rg).num_rows
+                out.append(Unit(i, rg, first, rows))
+                first += rows
+        return out
+
+    def unit_batches(
+        self, unit: Unit, columns: list[str] | None = None
+    ) -> Iterator[pa.RecordBatch]:
+        """Stream the record batches of one unit, as `batches` does; an empty unit yields nothing.
+
+        Raises:
+            InputError: Missing text column, unreadable file, non-UTF-8 text.
+        """
+        if self.path == "-":
+            raw = self._stdin_batches()
+        elif unit.row_group is not None:
+            raw = self._parquet_batches(self.files[unit.file], columns, [unit.row_group])
+        else:
+            raw = self._file_batches(self.files[unit.file], columns)
+        for batch in raw:
+            batch = self._normalise(batch)
+            if batch.num_rows:
+                yield batch
+
     def texts(self) -> Iterator[str]:
         """Stream the non-empty texts only."""
         for batch in self.batches(columns=["text"]):
@@ -92,13 +148,16 @@ class DocSource:
             yield from self._stdin_batches()
             return
         for f in self.files:
-            s = _suffix(f)
-            if s == ".parquet":
-                yield from self._parquet_batches(f, columns)
-            elif s in (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json"):
-                yield from self._jsonl_batches(f)
-            else:
-                yield from self._txt_batches(f)
+            yield from self._file_batches(f, columns)
+
+    def _file_batches(self, f: Path, columns: list[str] | None) -> Iterator[pa.RecordBatch]:
+        s = _suffix(f)
+        if s == ".parquet":
+            yield from self._parquet_batches(f, columns)
+        elif s in (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json"):
+            yield from self._jsonl_batches(f)
+        else:
+            yield from self._txt_batches(f)
 
     def _check_column(self, names: list[str], where: str) -> None:
         if self.text_column not in names:
@@ -120,17 +179,23 @@ class DocSource:
         self._check_column(reader.schema.names, "stdin")
         yield from reader
 
-    def _parquet_batches(self, f: Path, columns: list[str] | None) -> Iterator[pa.RecordBatch]:
+    def _parquet_file(self, f: Path) -> pq.ParquetFile:
         try:
             pf = pq.ParquetFile(f)
         except (pa.ArrowInvalid, OSError) as e:
             raise InputError(f"{f} is not a readable Parquet file ({e})", "re-create it") from None
         self._check_column(pf.schema_arrow.names, str(f))
+        return pf
+
+    def _parquet_batches(
+        self, f: Path, columns: list[str] | None, row_groups: list[int] | None = None
+    ) -> Iterator[pa.RecordBatch]:
+        pf = self._parquet_file(f)
         cols = None
         if columns is not None:
             cols = [self.text_column if c == "text" else c for c in columns]
         try:
-            yield from pf.iter_batches(batch_size=BATCH_ROWS, columns=cols)
+            yield from pf.iter_batches(batch_size=BATCH_ROWS, row_groups=row_groups, columns=cols)
         except (pa.ArrowInvalid, OSError) as e:
             raise InputError(f"{f} is corrupt ({e})", "re-create it") from None
 
@@ -274,10 +339,10 @@ def _rows_to_batch(rows: list[dict[str, Any]], f: Path) -> pa.RecordBatch:
         ) from None
 
 
-def _collect_files(root: Path) -> list[Path]:
+def _collect_files(root: Path, recursive: bool = True) -> list[Path]:
     return sorted(
         p
-        for p in root.rglob("*")
+        for p in (root.rglob("*") if recursive else root.iterdir())
         if p.is_file()
         and not p.name.startswith(".")
         and p.name != MANIFEST
@@ -307,7 +372,8 @@ def open_docs(
                     f"{p} is a {manifest.kind} artifact, not a docs dataset",
                     "pass the dataset directory this stage reads",
                 )
-        files = _collect_files(p)
+        # An artifact's subdirectories hold side datasets (reports), not documents.
+        files = _collect_files(p, recursive=manifest is None)
         if not files:
             raise InputError(
                 f"{p} holds no Parquet, JSONL or .txt files",

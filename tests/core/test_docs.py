@@ -325,3 +325,29 @@ def test_stdin_that_is_not_arrow(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sys, "stdin", FakeStdin())
     with pytest.raises(InputError, match="stdin is not an Arrow IPC stream"):
         list(open_docs("-").batches())
+
+
+def test_artifact_subdirectories_are_not_documents(tmp_path: Path) -> None:
+    d = tmp_path / "docs"
+    (d / "duplicates").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(_rows()), d / "part-00000.parquet")
+    pq.write_table(pa.table({"text": ["a report row"]}), d / "duplicates" / "part-00000.parquet")
+    assert len(open_docs(d).files) == 2  # no manifest: a plain directory, searched recursively
+    Manifest(kind="docs", stage="test").write(d)
+    src = open_docs(d)
+    assert [f.name for f in src.files] == ["part-00000.parquet"]
+    assert list(src.texts()) == TEXTS
+
+
+def test_units_split_parquet_by_row_group(tmp_path: Path) -> None:
+    pq.write_table(pa.Table.from_pylist(_rows()), tmp_path / "a.parquet", row_group_size=3)
+    (tmp_path / "b.jsonl").write_bytes(_jsonl_bytes(_rows()))
+    src = open_docs(tmp_path)
+    units = src.units()
+    assert [(u.file, u.row_group, u.first_row, u.rows) for u in units] == [
+        (0, 0, 0, 3),
+        (0, 1, 3, 1),
+        (1, None, 0, None),
+    ]
+    texts = [t for u in units for b in src.unit_batches(u) for t in b.column("text").to_pylist()]
+    assert texts == TEXTS + TEXTS
