@@ -331,6 +331,212 @@ def tokenize(
     )
 
 
+class _DedupGroup(typer.core.TyperGroup):
+    """`llmctl dedup INPUT ...` is short for `llmctl dedup run INPUT ...`."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ("-h", "--help"):
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
+dedup_app = typer.Typer(
+    cls=_DedupGroup,
+    no_args_is_help=True,
+    help="Remove exact and near-duplicate documents (MinHash LSH over word shingles).\n\n"
+    "On one machine: llmctl dedup INPUT -o OUT (short for `dedup run`). Across machines: "
+    "`dedup signatures` per input shard, `dedup cluster` over all signatures, `dedup write` per shard.",
+    epilog="Example: llmctl dedup data/docs -o data/dedup   |   "
+    "for k in 0 1 2; do llmctl dedup signatures data/docs --shard $k/3 -o sigs/$k; done; "
+    "llmctl dedup cluster sigs/0 sigs/1 sigs/2 -o clusters; "
+    "llmctl dedup write data/docs --clusters clusters -o data/dedup",
+)
+app.add_typer(dedup_app, name="dedup")
+
+DocsInput = Annotated[
+    str,
+    typer.Argument(
+        help="Docs dataset dir, Parquet/JSONL(.gz/.zst)/.txt file or dir, or - (Arrow stream on stdin)."
+    ),
+]
+DocsOutput = Annotated[
+    str,
+    typer.Option(
+        "--output",
+        "-o",
+        help="Output directory, or - for an Arrow stream on stdout (no duplicates/ report).",
+    ),
+]
+ShardOpt = Annotated[
+    str,
+    typer.Option(
+        help="Process shard K of N (K = 0..N-1): input unit i (Parquet row group, JSONL/txt file) "
+        "belongs to shard i mod N."
+    ),
+]
+ThresholdOpt = Annotated[
+    float | None, typer.Option(help="Estimated Jaccard at or above which documents are duplicates.")
+]
+NumPermOpt = Annotated[int | None, typer.Option(help="MinHash permutations (default 128).")]
+NgramOpt = Annotated[int | None, typer.Option(help="Words per shingle (default 5).")]
+TextColumnOpt = Annotated[str | None, typer.Option(help="Column holding the text.")]
+EncodingOpt = Annotated[str | None, typer.Option(help="Non-UTF-8 input: strict (fail) or replace.")]
+
+
+def _dedup_summary(title: str, m: Any) -> None:
+    stats = {k: v for k, v in m.stats.items() if k not in ("threshold", "num_perm", "ngram")}
+    lsh = m.stats.get("bands") and f"{m.stats['bands']} bands x {m.stats['rows']} rows"
+    summary(
+        title,
+        {
+            **m.counts,
+            "threshold": m.stats.get("threshold", m.config.get("threshold")),
+            **({"lsh": lsh} if lsh else {}),
+            **{k: v for k, v in stats.items() if k not in ("bands", "rows")},
+        },
+    )
+
+
+@dedup_app.command(
+    "run",
+    epilog="Example: llmctl dedup data/docs -o data/dedup --threshold 0.8   |   "
+    "llmctl corpus -o - | llmctl dedup - -o - | llmctl tokenize - -o data/tokens",
+)
+@handle_errors
+def dedup_run(
+    input: DocsInput,
+    output: DocsOutput,
+    threshold: ThresholdOpt = None,
+    num_perm: NumPermOpt = None,
+    ngram: NgramOpt = None,
+    text_column: TextColumnOpt = None,
+    encoding_errors: EncodingOpt = None,
+    config: ConfigOpt = None,
+    force: ForceOpt = False,
+) -> None:
+    """Deduplicate on one machine (signatures, cluster, write): keep each cluster's first document.
+
+    Exact duplicates (same text after NFKC, lowercasing and whitespace collapsing) and near
+    duplicates (MinHash estimate of word n-gram Jaccard >= --threshold, joined transitively) are
+    removed; OUTPUT/duplicates/ lists each removed document with the id it duplicates.
+    """
+    from llmctl.stages import dedup as stage
+
+    cfg = make_config(
+        stage.DedupConfig,
+        config,
+        "dedup",
+        threshold=threshold,
+        num_perm=num_perm,
+        ngram=ngram,
+        text_column=text_column,
+        encoding_errors=encoding_errors,
+    )
+    show_config(cfg)
+    m = stage.run(
+        input,
+        output,
+        cfg,
+        force=force,
+        progress=progress() if output != "-" else RichProgress(False),
+    )
+    _dedup_summary(f"dedup -> {output}", m)
+
+
+@dedup_app.command(
+    "signatures",
+    epilog="Example: llmctl dedup signatures data/docs --shard 0/4 -o sigs/0   (then 1/4, 2/4, 3/4)",
+)
+@handle_errors
+def dedup_signatures(
+    input: DocsInput,
+    output: OutOpt,
+    shard: ShardOpt = "0/1",
+    num_perm: NumPermOpt = None,
+    ngram: NgramOpt = None,
+    text_column: TextColumnOpt = None,
+    encoding_errors: EncodingOpt = None,
+    config: ConfigOpt = None,
+    force: ForceOpt = False,
+) -> None:
+    """Step 1: exact keys and MinHash signatures of one input shard.
+
+    Writes Parquet files with, per document, its position, id, exact key and num-perm uint32 hash
+    values (datasketch's affine32 MinHash): about 4 x num-perm bytes per document.
+    """
+    from llmctl.stages import dedup as stage
+
+    cfg = make_config(
+        stage.DedupConfig,
+        config,
+        "dedup",
+        num_perm=num_perm,
+        ngram=ngram,
+        text_column=text_column,
+        encoding_errors=encoding_errors,
+    )
+    show_config(cfg)
+    m = stage.signatures(
+        input, output, cfg, shard=stage.parse_shard(shard), force=force, progress=progress()
+    )
+    summary(f"dedup signatures -> {output}", {**m.counts, **m.stats})
+
+
+@dedup_app.command(
+    "cluster",
+    epilog="Example: llmctl dedup cluster sigs/0 sigs/1 sigs/2 sigs/3 -o clusters --threshold 0.8",
+)
+@handle_errors
+def dedup_cluster(
+    sigs: Annotated[list[Path], typer.Argument(help="The signatures directories of every shard.")],
+    output: OutOpt,
+    threshold: ThresholdOpt = None,
+    config: ConfigOpt = None,
+    force: ForceOpt = False,
+) -> None:
+    """Step 2: cluster the signatures of all shards and choose one survivor per cluster.
+
+    Exact groups, then LSH candidates (bands and rows derived from --threshold) verified by their
+    estimated Jaccard, joined transitively (union-find). The survivor is the cluster's first
+    document in input order.
+    """
+    from llmctl.stages import dedup as stage
+
+    cfg = make_config(stage.DedupConfig, config, "dedup", threshold=threshold)
+    show_config(cfg)
+    m = stage.cluster(sigs, output, cfg, force=force, progress=progress())
+    _dedup_summary(f"dedup cluster -> {output}", m)
+
+
+@dedup_app.command(
+    "write",
+    epilog="Example: llmctl dedup write data/docs --clusters clusters --shard 0/4 -o data/dedup/0",
+)
+@handle_errors
+def dedup_write(
+    input: DocsInput,
+    clusters: Annotated[Path, typer.Option(help="The directory `llmctl dedup cluster` wrote.")],
+    output: DocsOutput,
+    shard: ShardOpt = "0/1",
+    config: ConfigOpt = None,
+    force: ForceOpt = False,
+) -> None:
+    """Step 3: write the surviving documents of one input shard and its duplicates/ report."""
+    from llmctl.stages import dedup as stage
+
+    cfg = make_config(stage.DedupConfig, config, "dedup")
+    m = stage.write(
+        input,
+        clusters,
+        output,
+        cfg,
+        shard=stage.parse_shard(shard),
+        force=force,
+        progress=progress() if output != "-" else RichProgress(False),
+    )
+    summary(f"dedup write -> {output}", m.counts)
+
+
 # -- training --------------------------------------------------------------------------------------
 
 
@@ -540,7 +746,6 @@ def inspect(
 
 PLANNED = {
     "crawl-filter": "WARC/HTML -> clean text: language ID, quality and repetition filters, PII redaction",
-    "dedup": "exact and MinHash near-duplicate removal",
     "sft": "supervised fine-tuning on conversations (loss on assistant tokens)",
     "rm": "reward model from preference pairs (Bradley-Terry)",
     "ppo": "RLHF with PPO against a reward model",

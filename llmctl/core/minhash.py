@@ -38,6 +38,7 @@ Departures from the textbook:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -45,6 +46,8 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+
+from llmctl.core.progress import SILENT, Progress
 
 BUCKET_WINDOW = 16  # members of an LSH bucket each document is compared with (besides the first)
 CHUNK_SHINGLES = 1 << 15  # rows of the (shingles, num_perm) matrix built at once (16 MiB at 128)
@@ -210,6 +213,7 @@ def _integral(f: np.ndarray, x: np.ndarray) -> np.ndarray:
     return ((f[..., 1:] + f[..., :-1]) * np.diff(x) / 2).sum(-1)
 
 
+@functools.lru_cache(maxsize=64)
 def optimal_bands(
     threshold: float, num_perm: int, fp_weight: float = 0.5, fn_weight: float = 0.5
 ) -> tuple[int, int]:
@@ -337,3 +341,53 @@ def cluster_pairs(n: int, pairs: np.ndarray) -> np.ndarray:
         uf.union(i, j)
     roots[nodes] = nodes[uf.roots()]
     return roots
+
+
+def _exact_groups(exact: np.ndarray) -> np.ndarray:
+    """For each document, the first (lowest index) document with the same exact key."""
+    key = exact.view(np.uint64)  # (N, 2)
+    order = np.lexsort((np.arange(len(key)), key[:, 1], key[:, 0]))
+    k = key[order]
+    first = np.r_[True, (k[1:] != k[:-1]).any(axis=1)] if len(k) else np.zeros(0, bool)
+    head = np.maximum.accumulate(np.where(first, np.arange(len(k)), 0))
+    rep = np.empty(len(key), dtype=np.int64)
+    rep[order] = order[head]
+    return rep
+
+
+def find_clusters(
+    exact: np.ndarray,
+    sig16: np.ndarray,
+    threshold: float,
+    bands: int,
+    rows: int,
+    progress: Progress = SILENT,
+) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
+    """Each document's survivor (the first member of its cluster), from exact keys and signatures.
+
+    Args:
+        exact: (N, 16) uint8 exact keys, in input order.
+        sig16: (N, num_perm) uint16 low bits of the MinHash signatures, in input order.
+        threshold: Estimated Jaccard at or above which a candidate pair is linked.
+        bands: LSH bands.
+        rows: Signature positions per band.
+        progress: Reports the bands.
+
+    Returns:
+        (kept, first, counts): kept[i] <= i is the index of document i's survivor; first[i] <= i the
+        first document with the same exact key; counts of candidate and verified pairs.
+    """
+    rep = _exact_groups(exact)
+    reps = np.flatnonzero(rep == np.arange(len(rep)))
+    codes = []
+    progress.start(f"LSH {bands} bands x {rows} rows", bands, "bands")
+    for keys in band_keys(sig16, bands, rows, reps):
+        p = bucket_pairs(keys, reps)
+        codes.append(np.unique(p[:, 0] * len(rep) + p[:, 1]))
+        progress.advance(1)
+    progress.stop()
+    code = np.unique(np.concatenate(codes)) if codes else np.zeros(0, np.int64)
+    pairs = np.stack([code // max(1, len(rep)), code % max(1, len(rep))], axis=1)
+    good = pairs[estimate_jaccard(sig16, pairs) >= threshold]
+    roots = cluster_pairs(len(rep), good)
+    return roots[rep], rep, {"candidate_pairs": len(pairs), "verified_pairs": len(good)}
