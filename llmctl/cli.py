@@ -226,6 +226,7 @@ def _global(
 
 @app.command(
     epilog="Example: llmctl corpus -o data/docs   |   llmctl corpus -o - | llmctl tokenize - -o data/tokens"
+    "   |   llmctl corpus --format warc -o data/crawl"
 )
 @handle_errors
 def corpus(
@@ -241,13 +242,19 @@ def corpus(
     max_docs: Annotated[
         int | None, typer.Option(help="Stop after this many documents (0 = all).")
     ] = None,
+    format: Annotated[
+        str | None,
+        typer.Option("--format", help="docs (a dataset) or warc (a raw crawl with ground-truth labels)."),
+    ] = None,
     config: ConfigOpt = None,
     force: ForceOpt = False,
 ) -> None:
     """Build the embedded default corpus from the Python standard library (no download).
 
     Documentation topics, docstrings and source code of the interpreter's stdlib, in a fixed order:
-    byte-identical output for the same Python version.
+    byte-identical output for the same Python version. With --format warc: the prose as web pages in
+    a .warc.gz with boilerplate, planted duplicates, spam, foreign-language and broken records, plus
+    labels.jsonl ground truth (input for crawl-filter and dedup).
     """
     from llmctl.stages import corpus as stage
 
@@ -257,6 +264,7 @@ def corpus(
         "corpus",
         kinds=tuple(kinds.split(",")) if kinds else None,
         max_docs=max_docs,
+        format=format,
     )
     show_config(cfg)
     m = stage.run(

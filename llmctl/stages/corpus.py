@@ -1,5 +1,9 @@
 """corpus: build the embedded default corpus, with no download, from text every Python install ships.
 
+`--format docs` (default) writes a docs dataset; `--format warc` writes the same prose as a raw web
+crawl instead (a `crawl` artifact: `crawl.warc.gz` with boilerplate, duplicates, spam, foreign and
+broken records, plus `labels.jsonl` ground truth; see core/crawlgen.py) for `crawl-filter`.
+
 Three kinds of documents, all from the running interpreter's standard library:
     topics      the documentation topics that `help()` shows (`pydoc_data.topics`): reference prose
     docstrings  per module: the module docstring plus each class and function docstring, as prose
@@ -25,6 +29,7 @@ import pyarrow as pa
 from llmctl.core.artifacts import Manifest, commit_output
 from llmctl.core.config import require, to_dict
 from llmctl.core.docs import DocWriter
+from llmctl.core.errors import ConfigError
 from llmctl.core.progress import SILENT, Progress
 
 SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__"}
@@ -35,9 +40,10 @@ class CorpusConfig:
     """Settings of `llmctl corpus`."""
 
     source: Literal["stdlib"] = "stdlib"  # the only embedded source so far
+    format: Literal["docs", "warc"] = "docs"  # a docs dataset, or a raw crawl (.warc.gz + labels)
     kinds: tuple[str, ...] = ("topics", "docstrings", "code")  # which document kinds to emit
     max_docs: int = 0  # stop after this many documents (0 = all)
-    seed: int = 0  # unused (the corpus is deterministic); kept for a uniform manifest
+    seed: int = 0  # drives the planted duplicates, edits and record order of --format warc
 
     def __post_init__(self) -> None:
         bad = set(self.kinds) - {"topics", "docstrings", "code"}
@@ -111,6 +117,8 @@ def run(
     Returns:
         The manifest (None for a stream, which has no manifest).
     """
+    if cfg.format == "warc":
+        return _run_warc(Path(dst), cfg, force=force, progress=progress)
     if str(dst) == "-":
         writer = DocWriter(stdout or sys.stdout.buffer)
         _write(writer, cfg, progress)
@@ -130,6 +138,25 @@ def run(
         out.manifest.stats = {
             "python": sys.version.split()[0],
             "stdlib": sysconfig.get_paths()["stdlib"],
+        }
+    return out.manifest
+
+
+def _run_warc(dst: Path, cfg: CorpusConfig, *, force: bool, progress: Progress) -> Manifest:
+    from llmctl.core.crawlgen import CrawlSpec, build_crawl
+
+    if str(dst) == "-":
+        raise ConfigError("--format warc writes a directory, not a stream", "pass -o DIR")
+    with commit_output(
+        dst, kind="crawl", stage="corpus", config=to_dict(cfg), inputs=[], force=force
+    ) as out:
+        progress.start("build crawl", None)
+        counts = build_crawl(out.path, CrawlSpec(seed=cfg.seed, max_good=cfg.max_docs))
+        progress.stop()
+        out.manifest.counts = {"records": sum(counts.values()), **counts}
+        out.manifest.stats = {
+            "python": sys.version.split()[0],
+            "bytes": (out.path / "crawl.warc.gz").stat().st_size,
         }
     return out.manifest
 
