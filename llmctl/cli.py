@@ -274,6 +274,315 @@ def corpus(
         summary(f"corpus -> {output}", {**m.counts, **dict(m.stats.items())})
 
 
+class _CrawlFilterGroup(typer.core.TyperGroup):
+    """`llmctl crawl-filter INPUT... -o OUT` is short for `llmctl crawl-filter run INPUT... -o OUT`."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ("-h", "--help"):
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
+crawl_filter_app = typer.Typer(
+    cls=_CrawlFilterGroup,
+    no_args_is_help=True,
+    help="Raw web crawl (WARC) or docs -> clean docs: main-text extraction, fastText language ID, "
+    "URL blocklist, Gopher and C4 rules, an optional fastText quality model, PII redaction.\n\n"
+    "llmctl crawl-filter INPUT... -o OUT is short for `crawl-filter run`; "
+    "`crawl-filter train-quality` trains the quality model.",
+    epilog="Example: llmctl crawl-filter crawl/*.warc.gz -o data/docs --workers 2   |   "
+    "llmctl crawl-filter train-quality --positive data/ref --negative data/crawl -o models/quality",
+)
+app.add_typer(crawl_filter_app, name="crawl-filter")
+
+
+def _crawl_filter_report(output: Path, m: Any) -> None:
+    """Counts, a per-filter table (documents and bytes removed) and warnings for bad input."""
+    c, s = m.counts, m.stats
+    if STATE.quiet:
+        _crawl_filter_warnings(s)
+        return
+    summary(
+        f"crawl-filter -> {output}",
+        {
+            **{k: c[k] for k in ("documents", "kept", "rejected", "unreadable")},
+            "bytes in -> kept": f"{c['bytes_in']:,} -> {c['bytes_kept']:,}",
+            "docs/s": round(s["docs_per_second"]),
+            **({"pii redacted": s["pii_redacted"]} if s.get("pii_redacted") else {}),
+        },
+    )
+    t = Table(title="removed by filter", title_justify="left", title_style="bold")
+    for col in ("filter", "docs", "% docs", "bytes", "% bytes", "rules"):
+        t.add_column(col, justify="left" if col in ("filter", "rules") else "right")
+    for name, r in s["removed"].items():
+        rules = ", ".join(f"{k} {v:,}" for k, v in r["rules"].items())
+        t.add_row(
+            name,
+            f"{r['docs']:,}",
+            f"{100 * r['docs'] / max(1, c['documents']):.1f}",
+            f"{r['bytes']:,}",
+            f"{100 * r['bytes'] / max(1, c['bytes_in']):.1f}",
+            escape(rules),
+        )
+    for reason, n in s["unreadable"].items():
+        t.add_row(f"unreadable: {reason}", f"{n:,}", f"{100 * n / max(1, c['documents']):.1f}")
+    err.print(t)
+    _crawl_filter_warnings(s)
+
+
+def _crawl_filter_warnings(s: dict[str, Any]) -> None:
+    for p in s["problems"]:
+        err.print(f"[yellow]warning:[/yellow] {escape(p)}", highlight=False, soft_wrap=True)
+    if s["unreadable"]:
+        err.print(
+            "[yellow]warning:[/yellow] unreadable records: "
+            + escape(", ".join(f"{k} {v}" for k, v in s["unreadable"].items()))
+            + " (ids in the manifest's stats.unreadable_examples)",
+            highlight=False,
+            soft_wrap=True,
+        )
+
+
+def _sweep_table(rows: list[dict[str, Any]]) -> None:
+    """One row per rule; one column per threshold factor: the threshold, then docs and bytes kept."""
+    base = rows[0]
+    factors = sorted({r["factor"] for r in rows[1:]})
+    t = Table(
+        title=f"sweep: kept by the whole pipeline when one threshold moves; as configured: "
+        f"{base['docs']:,} docs ({100 * base['docs_frac']:.1f}%), "
+        f"{base['bytes']:,} bytes ({100 * base['bytes_frac']:.1f}%)",
+        title_justify="left",
+        title_style="bold",
+        caption="cell: threshold / docs kept (% of input) / % of bytes",
+    )
+    t.add_column("rule", overflow="fold")
+    for f in factors:
+        t.add_column(f"x{f:g}", justify="right", style="bold" if f == 1 else None)
+    cells: dict[str, dict[float, str]] = {}
+    for r in rows[1:]:
+        cells.setdefault(f"{r['filter']}.{r['rule']}", {})[r["factor"]] = (
+            f"{r['threshold']:g}\n{r['docs']:,} ({100 * r['docs_frac']:.1f}%)\n"
+            f"{100 * r['bytes_frac']:.1f}%"
+        )
+    for rule, by_factor in cells.items():
+        t.add_row(rule, *(by_factor.get(f, "") for f in factors), end_section=True)
+    (out if out.is_terminal else Console(width=140)).print(t)  # piped: do not fold rule names
+
+
+@crawl_filter_app.command(
+    "run",
+    epilog="Example: llmctl crawl-filter crawl/*.warc.gz -o data/docs --lang en --workers 2   |   "
+    "llmctl crawl-filter crawl/ --sweep   |   "
+    "for k in 0 1 2; do llmctl crawl-filter crawl/ --shard $k/3 -o docs/$k; done",
+)
+@handle_errors
+def crawl_filter_run(
+    inputs: Annotated[
+        list[str],
+        typer.Argument(
+            help="WARC files (.warc, .warc.gz), docs datasets, Parquet/JSONL/.txt files, "
+            "directories of them, or - (Arrow stream on stdin)."
+        ),
+    ],
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output",
+            "-o",
+            help="Output directory: kept documents, dropped ones in OUTPUT/rejected/ (not with --sweep).",
+        ),
+    ] = None,
+    lang: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Language to keep (lid.176 code); repeat or comma-separate. Default en; 'any' keeps all."
+        ),
+    ] = None,
+    min_lang_score: Annotated[
+        float | None, typer.Option(help="Least probability of the top language (default 0.65).")
+    ] = None,
+    lid_model: Annotated[
+        str | None,
+        typer.Option(help="fastText language-ID model, e.g. the full lid.176.bin (default: .ftz)."),
+    ] = None,
+    extractor: Annotated[
+        str | None,
+        typer.Option(help="HTML main-text extractor: resiliparse (default) or trafilatura."),
+    ] = None,
+    url_filter: Annotated[
+        bool | None, typer.Option("--url-filter/--no-url-filter", help="URL blocklist filter.")
+    ] = None,
+    url_blocklist: Annotated[
+        str | None,
+        typer.Option(help="Blocklist file: domains and word:TOKEN lines (default: shipped list)."),
+    ] = None,
+    gopher_repetition: Annotated[
+        bool | None,
+        typer.Option(
+            "--gopher-repetition/--no-gopher-repetition", help="Gopher repetition filter."
+        ),
+    ] = None,
+    gopher_quality: Annotated[
+        bool | None,
+        typer.Option("--gopher-quality/--no-gopher-quality", help="Gopher quality filter."),
+    ] = None,
+    c4: Annotated[bool | None, typer.Option("--c4/--no-c4", help="C4 line and page rules.")] = None,
+    quality_model: Annotated[
+        str | None,
+        typer.Option(help="fastText quality model: a train-quality directory or a .bin file."),
+    ] = None,
+    min_quality: Annotated[
+        float | None, typer.Option(help="Least quality score kept (default 0.5).")
+    ] = None,
+    redact_pii: Annotated[
+        bool | None,
+        typer.Option(
+            "--redact-pii/--no-redact-pii",
+            help="Replace e-mails, IP addresses and phone numbers in kept text.",
+        ),
+    ] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="Filtering processes (0 = all cores).")
+    ] = None,
+    shard: Annotated[
+        str,
+        typer.Option(
+            help="Process shard K of N (K = 0..N-1): input unit i (WARC file, Parquet row group, "
+            "JSONL/txt file) belongs to shard i mod N."
+        ),
+    ] = "0/1",
+    text_column: Annotated[
+        str | None, typer.Option(help="Column holding the text in docs inputs.")
+    ] = None,
+    strict: Annotated[
+        bool | None,
+        typer.Option(
+            "--strict/--no-strict",
+            help="Fail on unreadable records or files instead of counting them.",
+        ),
+    ] = None,
+    sweep: Annotated[
+        bool,
+        typer.Option(
+            "--sweep", help="Write nothing; show docs and bytes kept at thresholds around each one."
+        ),
+    ] = False,
+    config: ConfigOpt = None,
+    force: ForceOpt = False,
+) -> None:
+    """Filter a raw crawl or docs into clean documents; every dropped one goes to OUTPUT/rejected/.
+
+    Thresholds of each heuristic come from its paper (Gopher: Rae et al. 2021; C4: Raffel et al.
+    2020) and are set in the config file's [crawl-filter.gopher_quality],
+    [crawl-filter.gopher_repetition] and [crawl-filter.c4] tables.
+
+    Exit status: 0 when the run completes, even if some records or files were unreadable (they are
+    counted in the manifest and printed as warnings; --strict makes them fail); 2 when an input or
+    model is missing, a flag is invalid, or no document at all could be read; 1 otherwise.
+    """
+    from llmctl.core.errors import ConfigError
+    from llmctl.stages import crawl_filter as stage
+
+    if output is None and not sweep:
+        raise ConfigError("crawl-filter needs -o/--output DIR", "or pass --sweep to only measure")
+    langs = tuple(x for v in lang for x in v.split(",")) if lang else None
+    cfg = make_config(
+        stage.CrawlFilterConfig,
+        config,
+        "crawl-filter",
+        lang=langs,
+        min_lang_score=min_lang_score,
+        lid_model=lid_model,
+        extractor=extractor,
+        url_blocklist=url_blocklist,
+        quality_model=quality_model,
+        min_quality=min_quality,
+        redact_pii=redact_pii,
+        workers=workers,
+        text_column=text_column,
+        strict=strict,
+    ).with_filters(
+        {
+            "url_blocklist": url_filter,
+            "gopher_repetition": gopher_repetition,
+            "gopher_quality": gopher_quality,
+            "c4": c4,
+        }
+    )
+    show_config(cfg)
+    k_n = stage.parse_shard(shard)
+    if sweep:
+        _sweep_table(stage.sweep(inputs, cfg, shard=k_n, progress=progress()))
+        return
+    assert output is not None
+    m = stage.run(inputs, output, cfg, shard=k_n, force=force, progress=progress())
+    _crawl_filter_report(output, m)
+
+
+@crawl_filter_app.command(
+    "train-quality",
+    epilog="Example: llmctl crawl-filter train-quality --positive data/ref --negative data/crawl "
+    "-o models/quality   then   llmctl crawl-filter crawl/ -o data/docs "
+    "--quality-model models/quality --min-quality 0.5",
+)
+@handle_errors
+def crawl_filter_train_quality(
+    positive: Annotated[
+        list[str],
+        typer.Option(help="Reference-quality docs (label __label__hq); repeatable."),
+    ],
+    negative: Annotated[
+        list[str],
+        typer.Option(help="Random-crawl docs (label __label__cc); repeatable."),
+    ],
+    output: OutOpt,
+    epoch: Annotated[int | None, typer.Option(help="Training epochs (default 5).")] = None,
+    lr: Annotated[float | None, typer.Option(help="Learning rate (default 0.5).")] = None,
+    dim: Annotated[int | None, typer.Option(help="Embedding size (default 32).")] = None,
+    word_ngrams: Annotated[
+        int | None, typer.Option(help="Word n-gram features (default 2).")
+    ] = None,
+    holdout: Annotated[
+        float | None, typer.Option(help="Share of each class held out for precision/recall.")
+    ] = None,
+    max_docs: Annotated[
+        int | None, typer.Option(help="At most this many documents per class (0 = all).")
+    ] = None,
+    threads: Annotated[
+        int | None, typer.Option(help="fastText threads (default 1: reproducible).")
+    ] = None,
+    text_column: Annotated[str | None, typer.Option(help="Column holding the text.")] = None,
+    config: ConfigOpt = None,
+    force: ForceOpt = False,
+) -> None:
+    """Train a fastText quality classifier (DCLM style) and report held-out precision and recall.
+
+    Writes OUTPUT/model.bin (a plain fastText model, about 13 MB) and a manifest with the labels,
+    the training inputs and the held-out metrics; pass OUTPUT to crawl-filter --quality-model.
+    """
+    from llmctl.stages import train_quality as stage
+
+    cfg = make_config(
+        stage.TrainQualityConfig,
+        config,
+        "train-quality",
+        epoch=epoch,
+        lr=lr,
+        dim=dim,
+        word_ngrams=word_ngrams,
+        holdout=holdout,
+        max_docs=max_docs,
+        threads=threads,
+        text_column=text_column,
+    )
+    show_config(cfg)
+    m = stage.run(positive, negative, output, cfg, force=force, progress=progress())
+    summary(
+        f"crawl-filter train-quality -> {output}",
+        {**m.counts, **m.stats, "model bytes": m.extra.get("model_bytes")},
+    )
+
+
 @app.command(
     epilog="Example: llmctl tokenize data/docs -o data/tokens --vocab-size 8192 --val-fraction 0.01"
 )
@@ -753,7 +1062,6 @@ def inspect(
 # -- stages that later releases add ----------------------------------------------------------------
 
 PLANNED = {
-    "crawl-filter": "WARC/HTML -> clean text: language ID, quality and repetition filters, PII redaction",
     "sft": "supervised fine-tuning on conversations (loss on assistant tokens)",
     "rm": "reward model from preference pairs (Bradley-Terry)",
     "ppo": "RLHF with PPO against a reward model",
@@ -774,7 +1082,7 @@ def _planned(name: str, what: str) -> None:
             f"[bold red]error:[/bold red] `llmctl {name}` is not available yet in llmctl {__version__} ({what})"
         )
         err.print(
-            "[yellow]hint:[/yellow] see the README's roadmap; available now: corpus, tokenize, pretrain, generate, inspect"
+            "[yellow]hint:[/yellow] see the README's roadmap; available now: corpus, crawl-filter, dedup, tokenize, pretrain, generate, inspect"
         )
         raise typer.Exit(2)
 
