@@ -248,12 +248,13 @@ def page_html(title: str, body: str, site: int, lang: str = "en", charset: str =
 def _english_docs(max_good: int) -> list[tuple[str, str]]:
     from llmctl.stages.corpus import CorpusConfig, documents
 
-    docs = [
-        (d["id"].split("/", 1)[1], d["text"])
-        for d in documents(CorpusConfig(kinds=("topics", "docstrings")))
-        if len(d["text"].split()) >= 150
-    ]
-    return docs[:max_good] if max_good else docs
+    docs = []
+    for d in documents(CorpusConfig(kinds=("topics", "docstrings"))):
+        if len(d["text"].split()) >= 150:
+            docs.append((d["id"].split("/", 1)[1], d["text"]))
+            if max_good and len(docs) >= max_good:
+                break
+    return docs
 
 
 def build_crawl(out_dir: Path, spec: CrawlSpec) -> dict[str, int]:
