@@ -94,7 +94,8 @@ def test_spam_short_and_broken_records_are_dropped(crawl, filtered) -> None:  # 
     kept = {r["url"] for r in rows(filtered[0])}
     for kind in ("spam", "short", "malformed", "non_html"):
         urls = [u for u, lb in labels.items() if lb["kind"] == kind]
-        assert urls and not kept & set(urls), kind
+        assert urls, kind
+        assert not kept & set(urls), kind
 
 
 def test_main_text_kept_boilerplate_dropped(crawl, extracted) -> None:  # noqa: ANN001
@@ -138,7 +139,9 @@ def test_dedup_on_planted_pairs(crawl, extracted, tmp_path: Path) -> None:  # no
         for u, lb in labels.items()
         if lb["jaccard"] is not None and lb["jaccard"] < threshold - 0.3
     ]
-    assert exact and above and below
+    assert exact
+    assert above
+    assert below
     # every exact copy removed, one of each pair kept
     assert all((a in survivors) != (b in survivors) for a, b in exact)
     recall = sum((a in survivors) != (b in survivors) for a, b in above) / len(above)
