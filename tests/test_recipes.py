@@ -7,6 +7,8 @@ from pathlib import Path
 
 from llmctl.core.config import build_config, load_toml
 from llmctl.stages.corpus import CorpusConfig
+from llmctl.stages.crawl_filter import CrawlFilterConfig
+from llmctl.stages.dedup import DedupConfig
 from llmctl.stages.generate import GenerateConfig
 from llmctl.stages.pretrain import PretrainConfig, plan
 from llmctl.stages.tokenize import TokenizeConfig
@@ -17,8 +19,10 @@ TINY = Path(__file__).parent.parent / "recipes" / "tiny"
 def test_tiny_config_resolves_for_every_stage() -> None:
     toml = load_toml(TINY / "tiny.toml")
     build_config(CorpusConfig, toml, "corpus")
+    build_config(CrawlFilterConfig, toml, "crawl-filter")
+    build_config(DedupConfig, toml, "dedup")
     tok = build_config(TokenizeConfig, toml, "tokenize")
-    pre = build_config(PretrainConfig, toml, "pretrain", data=("out/tokens",))
+    pre = build_config(PretrainConfig, toml, "pretrain", data=("out/tokens-web=0.3", "out/tokens-code=0.7"))
     build_config(GenerateConfig, toml, "generate")
     p = plan(pre, tok.vocab_size)
     assert p["steps"] == pre.max_steps
@@ -35,4 +39,4 @@ def test_tiny_makefile_plan(tmp_path: Path) -> None:
         check=True,
     )
     stages = [ln.split()[3] for ln in r.stdout.splitlines() if ln.startswith("llmctl --seed")]
-    assert stages == ["corpus", "tokenize", "pretrain", "generate"]
+    assert stages == ["corpus", "crawl-filter", "dedup", "corpus", "tokenize", "tokenize", "pretrain", "generate"]
