@@ -14,7 +14,8 @@ Signatures follow datasketch's "affine32" scheme exactly: the same permutation p
 `datasketch.MinHash(num_perm, seed=seed).permutations`, the same MurmurHash3 pre-mix, then
 `a * h + b mod 2**32` and a minimum per document. `datasketch.MinHash(num_perm, seed=seed,
 hashfunc=int)` updated with a document's `shingle_hashes` holds the same `hashvalues` (tested).
-Here the (shingles, num_perm) matrix of a chunk of documents is reduced with `np.minimum.reduceat`.
+Here each permutation is applied to a chunk of shingles at once and reduced per document with
+`np.minimum.reduceat`.
 
 LSH. b bands of r rows; a pair of documents with Jaccard s shares at least one band with
 probability 1 - (1 - s**r)**b. `optimal_bands` picks (b, r) with b * r <= num_perm minimising
@@ -50,7 +51,7 @@ import pyarrow.compute as pc
 from llmctl.core.progress import SILENT, Progress
 
 BUCKET_WINDOW = 16  # members of an LSH bucket each document is compared with (besides the first)
-CHUNK_SHINGLES = 1 << 15  # rows of the (shingles, num_perm) matrix built at once (16 MiB at 128)
+CHUNK_SHINGLES = 1 << 15  # shingles hashed per pass (a 128 KiB vector: stays in L2 cache)
 B_BITS_C = 2.0**-16  # chance that two different 32-bit minima agree on their low 16 bits
 
 _M64 = np.uint64(0x9E3779B97F4A7C15)  # odd 64-bit multiplier (golden ratio) for the shingle chain
@@ -121,9 +122,13 @@ def _blake2b(arr: pa.Array, size: int) -> bytes:
 
 def words(texts: pa.Array) -> pa.ListArray:
     """Normalised words per document: NFKC, lowercase, split on whitespace (nulls are empty)."""
-    norm = pc.utf8_trim_whitespace(
-        pc.utf8_lower(pc.utf8_normalize(pc.fill_null(texts, ""), form="NFKC"))
-    )
+    texts = pc.fill_null(texts, "")
+    ascii_ = pc.string_is_ascii(texts)
+    if not pc.all(ascii_).as_py():  # NFKC leaves ASCII as it is: normalise only the others
+        other = pc.invert(ascii_)
+        idx = np.flatnonzero(other.to_numpy(zero_copy_only=False))
+        texts = pc.replace_with_mask(texts, other, pc.utf8_normalize(texts.take(idx), form="NFKC"))
+    norm = pc.utf8_trim_whitespace(pc.utf8_lower(texts))
     lists = pc.utf8_split_whitespace(norm)
     # An empty text splits into [""]: give it no words.
     return pc.if_else(pc.equal(pc.binary_length(norm), 0), pa.scalar([], lists.type), lists)
@@ -188,24 +193,27 @@ def signatures(
         datasketch MinHash does.
     """
     a, b = perms
-    n_docs = len(offsets) - 1
-    out = np.full((n_docs, len(a)), np.uint32(0xFFFFFFFF), dtype=np.uint32)
+    out = np.full((len(a), len(offsets) - 1), np.uint32(0xFFFFFFFF), dtype=np.uint32)
     mixed = fmix32(shingles.astype(np.uint32, copy=False))
-    counts = np.diff(offsets)
+    docs = np.flatnonzero(np.diff(offsets))  # documents with shingles
+    starts = offsets[docs]
     d = 0
-    while d < n_docs:
-        # Take whole documents until the chunk holds CHUNK_SHINGLES shingles (at least one doc).
-        e = int(np.searchsorted(offsets, offsets[d] + CHUNK_SHINGLES, side="right")) - 1
-        e = min(max(e, d + 1), n_docs)
-        lo, hi = offsets[d], offsets[e]
-        if hi > lo:
-            m = (
-                mixed[lo:hi, None] * a[None, :] + b[None, :]
-            )  # (shingles, num_perm), wraps mod 2**32
-            nonempty = np.flatnonzero(counts[d:e])
-            out[d + nonempty] = np.minimum.reduceat(m, offsets[d:e][nonempty] - lo, axis=0)
+    while d < len(docs):
+        # Whole documents up to CHUNK_SHINGLES shingles (at least one), then one permutation at
+        # a time: 1-D passes over a cache-sized vector are ~10x faster than a 2-D
+        # (shingles, num_perm) matrix reduced along its first axis.
+        e = max(d + 1, int(np.searchsorted(starts, starts[d] + CHUNK_SHINGLES, side="right")))
+        e = min(e, len(docs))
+        lo, hi = starts[d], offsets[docs[e - 1] + 1]
+        seg = starts[d:e] - lo  # empty documents between these add nothing to a segment
+        x = mixed[lo:hi]
+        v = np.empty(hi - lo, dtype=np.uint32)
+        for p in range(len(a)):
+            np.multiply(x, a[p], out=v)  # wraps mod 2**32, as uint32 arithmetic does
+            np.add(v, b[p], out=v)
+            out[p, docs[d:e]] = np.minimum.reduceat(v, seg)
         d = e
-    return out
+    return np.ascontiguousarray(out.T)
 
 
 def _integral(f: np.ndarray, x: np.ndarray) -> np.ndarray:

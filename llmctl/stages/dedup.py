@@ -6,7 +6,7 @@ Steps (each writes an artifact with a manifest):
     cluster     SIGS...             -> CLUSTERS  exact groups + LSH candidates verified by their
                                                   estimated Jaccard, joined by union-find
     write       INPUT --clusters CLUSTERS [--shard K/N] -> OUT   survivors + duplicates/ report
-`run` (`llmctl dedup INPUT -o OUT`) does all three in a work directory inside OUT.partial/.
+`run` (`llmctl dedup INPUT -o OUT`) does all three, its intermediate files in OUT.partial/.
 
 Algorithm (hashing and banding in core/minhash.py): a document's text is normalised (NFKC,
 lowercase, whitespace runs collapsed); equal normalised texts are exact duplicates. Near
@@ -24,13 +24,16 @@ Sharding: the input splits into units (one per Parquet row group, one per JSONL/
 core/docs.py); unit i belongs to shard i mod N. Signatures of N shards, clustered together, equal
 those of one run, and so do the survivors of the N write shards.
 
+Signature files (Parquet): file, row, id, exact (16 bytes) and minhash (4P bytes: P little-endian
+uint32, `np.frombuffer(value, "<u4")` is datasketch's `hashvalues`).
+
 Memory, with num_perm P = 128 and 10 million documents:
     signature files   4P + 16 (exact key) + 12 (file, row) + id bytes ~= 560 B/doc -> ~5.6 GB on disk
-    signatures step   streaming: one record batch and a 32768 x P uint32 matrix (16 MiB)
+    signatures step   streaming: one record batch and its shingle hashes
     cluster step      2P (low 16 bits of each hash value, b-bit MinHash) + 16 (exact key)
                       + 8 (position) + 3 x 8 (rank, exact group, survivor) = 320 B/doc resident,
-                      ~3.2 GB, plus per band ~32 B/doc of keys and sort order (~0.3 GB) and the
-                      candidate pairs (16 B each)
+                      plus per band ~32 B/doc of keys and sort order and 16 B per candidate pair;
+                      measured 342 B/doc of peak RSS (benchmarks/bench_dedup.py): ~3.3 GiB
     write step        streaming, plus the removed documents' positions (8 B each)
 
 Output: a docs artifact with every input column (the text column named `text`), and inside it
@@ -270,7 +273,10 @@ def run(
     timing: dict[str, float] = {}
 
     def body(writer: DocWriter, report: Path | None) -> dict[str, Any]:
-        with tempfile.TemporaryDirectory(prefix="llmctl-dedup-") as tmp:
+        # Intermediate files go beside the output (same disk, removed on failure with it); a
+        # stream has no output directory, so the system temp dir holds them.
+        where = report.parent if report is not None else None
+        with tempfile.TemporaryDirectory(prefix=".dedup-work-", dir=where) as tmp:
             work = Path(tmp)
             src_ = source
             if source.path == "-":  # read twice (signatures, then write): spool it
@@ -361,9 +367,24 @@ def _sig_schema(num_perm: int) -> pa.Schema:
             ("row", pa.int64()),
             ("id", pa.string()),
             ("exact", pa.binary(16)),
-            ("minhash", pa.list_(pa.uint32(), num_perm)),
+            # num_perm little-endian uint32: np.frombuffer(value, "<u4") is datasketch's
+            # MinHash(num_perm, seed).hashvalues (a fixed-size list is 10x slower in Parquet).
+            ("minhash", pa.binary(4 * num_perm)),
         ]
     )
+
+
+def _fixed_binary(values: np.ndarray, width: int) -> pa.Array:
+    """A fixed_size_binary(width) array whose rows are the rows of `values` as bytes."""
+    return pa.FixedSizeBinaryArray.from_buffers(
+        pa.binary(width), len(values), [None, pa.py_buffer(np.ascontiguousarray(values).tobytes())]
+    )
+
+
+def _fixed_values(col: pa.Array, dtype: Any, per_row: int) -> np.ndarray:
+    """The rows of a fixed_size_binary column as a (rows, per_row) numpy view."""
+    flat = np.frombuffer(col.buffers()[1], dtype=dtype)
+    return flat[col.offset * per_row : (col.offset + len(col)) * per_row].reshape(-1, per_row)
 
 
 def _write_signatures(
@@ -394,10 +415,8 @@ def _write_signatures(
                     pa.array(np.full(len(rows), unit.file, dtype=np.int32)),
                     pa.array(rows),
                     ids,
-                    pa.FixedSizeBinaryArray.from_buffers(
-                        pa.binary(16), len(rows), [None, pa.py_buffer(hashed.exact.tobytes())]
-                    ),
-                    pa.FixedSizeListArray.from_arrays(pa.array(sig.reshape(-1)), cfg.num_perm),
+                    _fixed_binary(hashed.exact, 16),
+                    _fixed_binary(sig.astype("<u4", copy=False), 4 * cfg.num_perm),
                 ],
                 schema=schema,
             )
@@ -487,15 +506,14 @@ def _load_signatures(
     progress.start("load signatures", len(pos), "docs")
     at = 0
     for f in files:
-        for batch in pq.ParquetFile(f).iter_batches(batch_size=65536, columns=["exact", "minhash"]):
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=8192, columns=["exact", "minhash"]):
             r = rank[at : at + batch.num_rows]
-            exact[r] = np.frombuffer(batch.column(0).buffers()[1], np.uint8).reshape(-1, 16)[
-                batch.column(0).offset : batch.column(0).offset + batch.num_rows
-            ]
-            vals = batch.column(1).flatten().to_numpy().reshape(-1, num_perm)
-            sig16[r] = vals.astype(np.uint16)  # keeps the low 16 bits
+            exact[r] = _fixed_values(batch.column(0), np.uint8, 16)
+            sig16[r] = _fixed_values(batch.column(1), "<u4", num_perm)  # keeps the low 16 bits
             at += batch.num_rows
             progress.advance(batch.num_rows)
+        # Arrow's allocator keeps freed pages; decoded files would otherwise pile up in RSS.
+        pa.default_memory_pool().release_unused()
     progress.stop()
     return pos, rank, exact, sig16
 
@@ -567,6 +585,7 @@ def _lookup_ids(files: list[Path], rank: np.ndarray, need: np.ndarray) -> Any:
             )
             if hit.any():
                 found[j[hit]] = np.asarray(batch.column(0).to_pylist(), dtype=object)[hit]
+        pa.default_memory_pool().release_unused()
 
     def ids(which: np.ndarray) -> pa.Array:
         return pa.array(found[np.searchsorted(need, which)].tolist(), pa.string())

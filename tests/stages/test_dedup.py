@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from datasketch import MinHash
 from typer.testing import CliRunner
 
 from llmctl.cli import app
@@ -171,6 +172,11 @@ def test_survivor_is_the_first_in_input_order(planted: dict) -> None:
 def test_output_is_deterministic(planted: dict, tmp_path: Path) -> None:
     again = dedup.run(planted["root"] / "input", tmp_path / "again", CFG)
     assert again.fingerprint == planted["m"].fingerprint
+    assert sorted(p.name for p in (tmp_path / "again").iterdir()) == [
+        "duplicates",
+        "manifest.json",
+        "part-00000.parquet",
+    ]  # intermediate files are gone
     for f in ["part-00000.parquet", "duplicates/part-00000.parquet"]:
         assert (tmp_path / "again" / f).read_bytes() == (planted["out"] / f).read_bytes()
 
@@ -284,6 +290,12 @@ def test_cli_steps_and_help(planted: dict, tmp_path: Path) -> None:
         app, ["-q", "dedup", "signatures", src, "--shard", "0/1", "-o", str(tmp_path / "s")]
     )
     assert r.exit_code == 0, r.output
+    # A signature file row holds datasketch's hash values for that document.
+    row = pq.read_table(tmp_path / "s" / "part-00000.parquet").slice(7, 1).to_pylist()[0]
+    text = next(r["text"] for r in planted["rows"] if r["id"] == row["id"])
+    ref = MinHash(num_perm=128, seed=0, hashfunc=int)
+    ref.update_batch(minhash.hash_texts(pa.array([text]), 5).shingles.tolist())
+    np.testing.assert_array_equal(np.frombuffer(row["minhash"], "<u4"), ref.hashvalues)
     r = runner.invoke(
         app, ["-q", "dedup", "cluster", str(tmp_path / "s"), "-o", str(tmp_path / "c")]
     )
