@@ -87,14 +87,14 @@ def check(name: str, rules: list[Rule], m: Measures) -> Drop | None:
     return None
 
 
-def words(text: str) -> list[str]:
-    """Lower-cased whitespace tokens with punctuation stripped from their ends; empty ones dropped."""
-    out = []
-    for t in text.lower().split():
-        w = t.strip(_PUNCT)
-        if w:
-            out.append(w)
-    return out
+@lru_cache(maxsize=4)
+def words(text: str) -> tuple[str, ...]:
+    """Lower-cased whitespace tokens with punctuation stripped from their ends; empty ones dropped.
+
+    Cached for the last few texts: both Gopher filters split the same document.
+    """
+    p = _PUNCT
+    return tuple(w for w in (t.strip(p) for t in text.lower().split()) if w)
 
 
 # -- Gopher quality -------------------------------------------------------------------------------
@@ -144,13 +144,12 @@ class GopherQuality:
             "bullet_lines": sum(line.startswith(BULLETS) for line in lines) / n_lines,
             "ellipsis_lines": sum(line.endswith(ELLIPSES) for line in lines) / n_lines,
             "alpha_words": len(_ALPHA_TOKEN.findall(text)) / tokens if tokens else 0.0,
-            "stop_words": sum(w in GOPHER_STOP_WORDS for w in ws),
+            "stop_words": sum(map(GOPHER_STOP_WORDS.__contains__, ws)),
         }
 
 
 # -- Gopher repetition ----------------------------------------------------------------------------
 
-_MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 _P = np.uint64(0x100000001B3)  # FNV prime: multiplier of the polynomial n-gram hash
 
 
@@ -201,13 +200,14 @@ class GopherRepetition:
             dups, dup_chars = _duplicates(parts)
             m[f"dup_{key}_frac"] = dups / len(parts) if parts else 0.0
             m[f"dup_{key}_char_frac"] = dup_chars / total
-        ids, lengths = _word_ids(words(text))
+        ws = words(text)
+        lengths = np.fromiter(map(len, ws), np.int64, len(ws))
         chars = max(1, int(lengths.sum()))
-        starts = np.concatenate(([0], np.cumsum(lengths)))
-        for n, _ in self.top_ngram:
-            m[f"top_{n}gram_frac"] = _top_ngram_chars(ids, starts, n) / chars
-        for n, _ in self.dup_ngram:
-            m[f"dup_{n}gram_frac"] = _dup_ngram_chars(ids, lengths, n) / chars
+        top = {n for n, _ in self.top_ngram}
+        dup = {n for n, _ in self.dup_ngram}
+        found = _ngram_chars(_word_ids(ws), lengths, top, dup)
+        m.update({f"top_{n}gram_frac": found[("top", n)] / chars for n in sorted(top)})
+        m.update({f"dup_{n}gram_frac": found[("dup", n)] / chars for n in sorted(dup)})
         return m
 
 
@@ -224,53 +224,58 @@ def _duplicates(parts: list[str]) -> tuple[int, int]:
     return n, chars
 
 
-def _word_ids(ws: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Each word as a well-mixed 64-bit id (splitmix64 of its first-seen index), and its length."""
-    index: dict[str, int] = {}
-    raw = np.fromiter((index.setdefault(w, len(index)) for w in ws), np.uint64, len(ws))
-    with np.errstate(over="ignore"):
-        z = raw + np.uint64(0x9E3779B97F4A7C15)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        z = z ^ (z >> np.uint64(31))
-    return z & _MASK64, np.fromiter(map(len, ws), np.int64, len(ws))
+def _word_ids(ws: tuple[str, ...]) -> np.ndarray:
+    """Each word as a 64-bit id: Python's string hash (SipHash), stable within a process, which
+    is all that comparing n-grams of one document needs."""
+    return np.fromiter(map(hash, ws), np.int64, len(ws)).view(np.uint64)
 
 
-def _ngram_hashes(ids: np.ndarray, n: int) -> np.ndarray:
-    """Polynomial hash of every n-gram (mod 2**64): one value per start position."""
-    h = ids[: len(ids) - n + 1].copy()
-    with np.errstate(over="ignore"):
-        for k in range(1, n):
-            h = h * _P + ids[k : len(ids) - n + 1 + k]
-    return h
+def _ngram_chars(
+    ids: np.ndarray, lengths: np.ndarray, top: set[int], dup: set[int]
+) -> dict[tuple[str, int], int]:
+    """Word characters covered, per n, by the most frequent n-gram (n in `top`, counted when it
+    occurs twice or more) and by all n-grams that occur more than once (n in `dup`).
 
-
-def _top_ngram_chars(ids: np.ndarray, starts: np.ndarray, n: int) -> int:
-    """Characters covered by the most frequent n-gram (count x its length), if it repeats."""
-    if len(ids) < n:
-        return 0
-    h = _ngram_hashes(ids, n)
-    _, first, counts = np.unique(h, return_index=True, return_counts=True)
-    top = counts.max()
-    if top < 2:
-        return 0
-    pos = first[counts == top]
-    return int(top * (starts[pos + n] - starts[pos]).max())  # ties: the longest n-gram
-
-
-def _dup_ngram_chars(ids: np.ndarray, lengths: np.ndarray, n: int) -> int:
-    """Characters of words inside any occurrence of an n-gram that occurs more than once."""
-    if len(ids) < n:
-        return 0
-    h = _ngram_hashes(ids, n)
-    _, inverse, counts = np.unique(h, return_inverse=True, return_counts=True)
-    dup_starts = np.flatnonzero(counts[inverse] > 1)
-    if len(dup_starts) == 0:
-        return 0
-    cover = np.zeros(len(ids) + 1, np.int64)  # +1 at each start, -1 past each end: a sweep line
-    np.add.at(cover, dup_starts, 1)
-    np.add.at(cover, dup_starts + n, -1)
-    return int(lengths[np.cumsum(cover[:-1]) > 0].sum())
+    n-grams are compared by a polynomial hash mod 2**64, built up one word at a time. For the
+    duplicate fractions, an (n+1)-gram can only repeat where the n-grams at i and i+1 both
+    repeat, so each larger n only looks at those positions, and stops once none are left.
+    """
+    w = len(ids)
+    out = {("top", n): 0 for n in top} | {("dup", n): 0 for n in dup}
+    starts = np.concatenate(([0], np.cumsum(lengths)))
+    h = ids.copy()
+    repeated: np.ndarray | None = None  # dup: start positions whose (n-1)-gram repeats
+    dup_done = not dup
+    for n in range(1, max(top | dup, default=0) + 1):
+        if n > w:
+            break
+        if n > 1:
+            with np.errstate(over="ignore"):
+                h = h[:-1] * _P + ids[n - 1 :]  # hash of words[i : i + n], for every i
+        if n in top:
+            _, first, counts = np.unique(h, return_index=True, return_counts=True)
+            best = counts.max()
+            if best >= 2:
+                pos = first[counts == best]
+                out[("top", n)] = int(best * (starts[pos + n] - starts[pos]).max())
+        if dup_done or n < min(dup):
+            continue
+        cand = (
+            np.arange(len(h)) if repeated is None else np.flatnonzero(repeated[:-1] & repeated[1:])
+        )
+        if len(cand) < 2:
+            dup_done = True  # nothing repeats at n, so nothing repeats at any larger n
+            continue
+        _, inverse, counts = np.unique(h[cand], return_inverse=True, return_counts=True)
+        dup_starts = cand[counts[inverse] > 1]
+        repeated = np.zeros(len(h), bool)
+        repeated[dup_starts] = True
+        if n in dup and len(dup_starts):
+            cover = np.zeros(w + 1, np.int64)  # +1 at each start, -1 past each end: a sweep line
+            np.add.at(cover, dup_starts, 1)
+            np.add.at(cover, dup_starts + n, -1)
+            out[("dup", n)] = int(lengths[np.cumsum(cover[:-1]) > 0].sum())
+    return out
 
 
 # -- C4 -------------------------------------------------------------------------------------------
@@ -343,7 +348,7 @@ class C4:
 
     def _line_rule(self, line: str) -> str | None:
         ws = line.split()
-        if any(len(w) > self.max_word_length for w in ws):
+        if len(line) > self.max_word_length and max(map(len, ws)) > self.max_word_length:
             return "long_word"
         if len(ws) < self.min_words_per_line:
             return "short_line"

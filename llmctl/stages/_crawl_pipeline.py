@@ -123,11 +123,11 @@ class Pipeline:
                 m, hit = self.url.measure_url(d.url)
                 self._judge(d, "url_blocklist", m, hit)
         self._lang(docs)
-        for name in ("gopher_repetition", "gopher_quality"):
-            if name in self.rules:
-                flt = getattr(self.cfg, name)
-                for d in self._live(docs):
-                    self._judge(d, name, flt.measure(d.text))
+        gopher = [n for n in ("gopher_repetition", "gopher_quality") if n in self.rules]
+        for d in self._live(docs):  # both filters per document: they share its word split
+            for name in gopher:
+                if d.drop is None or self.sweep:
+                    self._judge(d, name, getattr(self.cfg, name).measure(d.text))
         if "c4" in self.rules:
             self._c4(docs)
         if self.quality is not None:
@@ -178,7 +178,8 @@ class Pipeline:
             d.lang, d.lang_score = lang, score
             if "lang" in self.rules:
                 ok = float(lang in self.cfg.lang)
-                self._judge(d, "lang", {"lang_ok": ok, "lang_score": score}, f"lang {lang}")
+                detail = f"lang {lang} p={score:.3f}"
+                self._judge(d, "lang", {"lang_ok": ok, "lang_score": score}, detail)
 
     def _c4(self, docs: list[_Doc]) -> None:
         for d in self._live(docs):

@@ -110,7 +110,18 @@ class CrawlFilterConfig:
                     f"(valid: {', '.join(sorted(known))})",
                 )
                 object.__setattr__(self, name, cls(**value))
-        object.__setattr__(self, "lang", tuple(x.strip() for x in self.lang if x.strip()))
+            for f in dataclasses.fields(cls):
+                v = getattr(getattr(self, name), f.name)
+                require(
+                    not isinstance(v, (int, float)) or v >= 0,
+                    f"[crawl-filter.{name}] {f.name} must be >= 0, got {v}",
+                )
+        require(
+            self.extractor in ("resiliparse", "trafilatura"),
+            f"--extractor must be resiliparse or trafilatura, got {self.extractor!r}",
+        )
+        langs = self.lang.split(",") if isinstance(self.lang, str) else self.lang
+        object.__setattr__(self, "lang", tuple(x.strip() for x in langs if x.strip()))
         require(bool(self.lang), "--lang needs at least one language code (or 'any')")
         require(
             0 <= self.min_lang_score <= 1,
@@ -244,6 +255,8 @@ class _Reader:
                 raise InputError(
                     f"{path}: record {rec.id} is unreadable ({rec.problem}: {rec.detail})", _LENIENT
                 )
+            if not (rec.is_html and 200 <= (rec.status or 0) < 300):
+                rec.body = b""  # rejected without being read: do not ship images to the workers
             yield rec
 
     def _docs(self, path: str) -> Iterator[pipeline.Item]:

@@ -271,7 +271,9 @@ def test_bad_input_through_the_cli(bad_inputs: list[str], tmp_path: Path) -> Non
     assert "unreadable records: bad_http_headers 2, truncated 1" in r.stderr
     assert "removed by filter" in r.stderr
     # --strict: the first problem is an error, exit 2, nothing written.
-    r = runner.invoke(app, ["crawl-filter", *bad_inputs, "-o", str(tmp_path / "s"), "--strict"])
+    r = runner.invoke(
+        app, ["crawl-filter", *bad_inputs, "-o", str(tmp_path / "s"), "--strict", "--workers", "1"]
+    )
     assert r.exit_code == 2
     assert "error:" in r.stderr
     assert "is unreadable (bad_http_headers" in r.stderr
@@ -284,7 +286,9 @@ def test_nothing_readable_is_an_error(bad_inputs: list[str], tmp_path: Path) -> 
     with pytest.raises(InputError, match="no readable documents in .*empty.jsonl is empty"):
         crawl_filter.run(bad_inputs[1:3], tmp_path / "o", ONE)
     assert not (tmp_path / "o").exists()
-    r = runner.invoke(app, ["crawl-filter", bad_inputs[1], "-o", str(tmp_path / "o")])
+    r = runner.invoke(
+        app, ["crawl-filter", bad_inputs[1], "-o", str(tmp_path / "o"), "--workers", "1"]
+    )
     assert r.exit_code == 2
     assert r.stderr.count("error:") == 1
 
@@ -439,6 +443,19 @@ def test_config_file_tables_and_filter_switches() -> None:
         build_config(CrawlFilterConfig, {"crawl-filter": {"c4": {"nope": 1}}}, "crawl-filter")
     with pytest.raises(ConfigError, match="--min-lang-score must be in"):
         CrawlFilterConfig(min_lang_score=1.5)
+    with pytest.raises(
+        ConfigError, match=r"\[crawl-filter.gopher_quality\] min_words must be >= 0"
+    ):
+        build_config(
+            CrawlFilterConfig,
+            {"crawl-filter": {"gopher_quality": {"min_words": -1}}},
+            "crawl-filter",
+        )
+    with pytest.raises(ConfigError, match="--extractor must be resiliparse or trafilatura"):
+        CrawlFilterConfig(extractor="lynx")
+    assert build_config(
+        CrawlFilterConfig, {"crawl-filter": {"lang": "en,fr"}}, "crawl-filter"
+    ).lang == ("en", "fr")
 
 
 def test_missing_language_model_is_one_clear_error(
