@@ -386,6 +386,22 @@ def main() -> None:
             f"cpu = all processes; load average before: {os.getloadavg()[0]:.1f}):"
         )
         print(_common.table(rows) + "\n")
+        ext = {r["extractor"]: r["pages/s"] for r in results["extract"]}
+        results["ratios"] = {"resiliparse/trafilatura": ext["resiliparse"] / ext["trafilatura"]}
+        print(
+            f"ratio resiliparse / trafilatura, pages/s: {results['ratios']['resiliparse/trafilatura']:.2f}"
+        )
+        if "vs datatrove" in rows[0]:
+            like = next(r for r in rows if "vs datatrove" in r and r["extractor"] == "trafilatura")
+            results["ratios"] |= {
+                "llmctl/datatrove": rows[0]["vs datatrove"],
+                "llmctl/datatrove, trafilatura both": like["vs datatrove"],
+            }
+            print(
+                f"ratio llmctl / datatrove, docs/s with 2 workers: {rows[0]['vs datatrove']:.2f} "
+                f"(each tool's default extractor), {like['vs datatrove']:.2f} (trafilatura both; "
+                "target >= 1.0)"
+            )
     _common.write_json(args.json, "bench_crawl_filter", args, results)
 
 
