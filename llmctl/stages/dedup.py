@@ -90,6 +90,10 @@ class DedupConfig:
         require(0 < self.threshold <= 1, f"--threshold must be in (0, 1], got {self.threshold}")
         require(8 <= self.num_perm <= 1024, f"--num-perm must be in [8, 1024], got {self.num_perm}")
         require(self.ngram >= 1, f"--ngram must be >= 1, got {self.ngram}")
+        require(
+            self.encoding_errors in ("strict", "replace"),
+            f"--encoding-errors must be strict or replace, got {self.encoding_errors!r}",
+        )
         require(0 < self.fn_weight < 1, f"fn_weight must be in (0, 1), got {self.fn_weight}")
         require(
             (self.bands == 0) == (self.rows == 0) and self.bands >= 0 and self.rows >= 0,
