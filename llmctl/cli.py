@@ -244,7 +244,9 @@ def corpus(
     ] = None,
     format: Annotated[
         str | None,
-        typer.Option("--format", help="docs (a dataset) or warc (a raw crawl with ground-truth labels)."),
+        typer.Option(
+            "--format", help="docs (a dataset) or warc (a raw crawl with ground-truth labels)."
+        ),
     ] = None,
     config: ConfigOpt = None,
     force: ForceOpt = False,
@@ -274,8 +276,9 @@ def corpus(
         summary(f"corpus -> {output}", {**m.counts, **dict(m.stats.items())})
 
 
-class _CrawlFilterGroup(typer.core.TyperGroup):
-    """`llmctl crawl-filter INPUT... -o OUT` is short for `llmctl crawl-filter run INPUT... -o OUT`."""
+class _DefaultRunGroup(typer.core.TyperGroup):
+    """A command group whose `run` subcommand may be left out: `llmctl dedup IN -o OUT` is
+    `llmctl dedup run IN -o OUT` (an input named like a subcommand needs a ./ prefix)."""
 
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
         if args and args[0] not in self.commands and args[0] not in ("-h", "--help"):
@@ -284,7 +287,7 @@ class _CrawlFilterGroup(typer.core.TyperGroup):
 
 
 crawl_filter_app = typer.Typer(
-    cls=_CrawlFilterGroup,
+    cls=_DefaultRunGroup,
     no_args_is_help=True,
     help="Raw web crawl (WARC) or docs -> clean docs: main-text extraction, fastText language ID, "
     "URL blocklist, Gopher and C4 rules, an optional fastText quality model, PII redaction.\n\n"
@@ -648,17 +651,8 @@ def tokenize(
     )
 
 
-class _DedupGroup(typer.core.TyperGroup):
-    """`llmctl dedup INPUT ...` is short for `llmctl dedup run INPUT ...`."""
-
-    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
-        if args and args[0] not in self.commands and args[0] not in ("-h", "--help"):
-            args = ["run", *args]
-        return super().parse_args(ctx, args)
-
-
 dedup_app = typer.Typer(
-    cls=_DedupGroup,
+    cls=_DefaultRunGroup,
     no_args_is_help=True,
     help="Remove exact and near-duplicate documents (MinHash LSH over word shingles).\n\n"
     "On one machine: llmctl dedup INPUT -o OUT (short for `dedup run`). Across machines: "

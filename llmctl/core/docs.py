@@ -435,3 +435,20 @@ class DocWriter:
         self._close_shard()
         if not isinstance(self.target, Path):
             self.target.flush()
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """Parse `--shard K/N` (0 <= K < N): this process takes the input units numbered K modulo N.
+
+    Raises:
+        ConfigError: Not of that form.
+    """
+    from llmctl.core.config import require
+    from llmctl.core.errors import ConfigError
+
+    try:
+        k, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise ConfigError(f"--shard must look like K/N, e.g. 0/4, got {text!r}") from None
+    require(n >= 1 and 0 <= k < n, f"--shard K/N needs 0 <= K < N, got {text}")
+    return k, n

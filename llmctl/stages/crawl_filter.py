@@ -47,8 +47,8 @@ import pyarrow.parquet as pq
 
 from llmctl.core.artifacts import Manifest, commit_output, input_record, is_artifact
 from llmctl.core.config import require, to_dict
-from llmctl.core.docs import DocSource, DocWriter, Unit, open_docs
-from llmctl.core.errors import ConfigError, InputError
+from llmctl.core.docs import DocSource, DocWriter, Unit, open_docs, parse_shard  # noqa: F401 - parse_shard re-exported
+from llmctl.core.errors import InputError
 from llmctl.core.progress import SILENT, Progress
 from llmctl.core.quality import C4, GopherQuality, GopherRepetition, load_blocklist
 from llmctl.core.warc import Extractor, WarcReport, is_warc, read_warc
@@ -151,20 +151,6 @@ class CrawlFilterConfig:
             if flag or (flag is None and f in self.filters):
                 on.append(f)
         return dataclasses.replace(self, filters=tuple(on))
-
-
-def parse_shard(text: str) -> tuple[int, int]:
-    """Parse `K/N` (0 <= K < N), the same form `dedup --shard` takes.
-
-    Raises:
-        ConfigError: Not of that form.
-    """
-    try:
-        k, n = (int(x) for x in text.split("/"))
-    except ValueError:
-        raise ConfigError(f"--shard must look like K/N, e.g. 0/4, got {text!r}") from None
-    require(n >= 1 and 0 <= k < n, f"--shard K/N needs 0 <= K < N, got {text}")
-    return k, n
 
 
 # -- inputs ----------------------------------------------------------------------------------------

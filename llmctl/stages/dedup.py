@@ -63,7 +63,7 @@ import pyarrow.parquet as pq
 from llmctl.core import minhash
 from llmctl.core.artifacts import Manifest, commit_output, input_record, is_artifact
 from llmctl.core.config import require, to_dict
-from llmctl.core.docs import DocSource, DocWriter, Unit, open_docs
+from llmctl.core.docs import DocSource, DocWriter, Unit, open_docs, parse_shard  # noqa: F401 - parse_shard re-exported
 from llmctl.core.errors import ConfigError, InputError
 from llmctl.core.progress import SILENT, Progress
 
@@ -111,20 +111,6 @@ class DedupConfig:
         return minhash.optimal_bands(
             self.threshold, self.num_perm, 1 - self.fn_weight, self.fn_weight
         )
-
-
-def parse_shard(text: str) -> tuple[int, int]:
-    """Parse `K/N` (0 <= K < N).
-
-    Raises:
-        ConfigError: Not of that form.
-    """
-    try:
-        k, n = (int(x) for x in text.split("/"))
-    except ValueError:
-        raise ConfigError(f"--shard must look like K/N, e.g. 0/4, got {text!r}") from None
-    require(n >= 1 and 0 <= k < n, f"--shard K/N needs 0 <= K < N, got {text}")
-    return k, n
 
 
 # -- the three steps --------------------------------------------------------------------------------
