@@ -229,61 +229,15 @@ def write_json(
 
 
 def _hf_config_kwargs(cfg: Any) -> dict[str, Any]:
-    try:
-        from llmctl.core.hf_compat import to_hf_config
+    from llmctl.core.hf_compat import to_hf_config
 
-        return to_hf_config(cfg)
-    except ImportError:  # hf_compat not there yet: the same mapping, written out
-        return {
-            "vocab_size": cfg.vocab_size,
-            "hidden_size": cfg.d_model,
-            "intermediate_size": cfg.d_ff,
-            "num_hidden_layers": cfg.n_layers,
-            "num_attention_heads": cfg.n_heads,
-            "num_key_value_heads": cfg.n_kv_heads,
-            "head_dim": cfg.head_dim,
-            "hidden_act": "silu",
-            "max_position_embeddings": cfg.max_seq_len,
-            "rms_norm_eps": cfg.norm_eps,
-            "rope_theta": cfg.rope_theta,
-            "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
-            "tie_word_embeddings": cfg.tie_embeddings,
-            "attention_bias": False,
-            "mlp_bias": False,
-        }
+    return to_hf_config(cfg)
 
 
 def _hf_state_dict(model: Any) -> dict[str, Any]:
-    try:
-        from llmctl.core.hf_compat import to_hf_state_dict
+    from llmctl.core.hf_compat import to_hf_state_dict
 
-        return to_hf_state_dict(model)
-    except ImportError:
-        cfg = model.cfg
-        sd = model.state_dict()
-        q_rows, kv_rows = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-        out = {
-            "model.embed_tokens.weight": sd["embed.weight"],
-            "model.norm.weight": sd["norm.weight"],
-        }
-        if not cfg.tie_embeddings:
-            out["lm_head.weight"] = sd["lm_head.weight"]
-        for i in range(cfg.n_layers):
-            s, d = f"layers.{i}.", f"model.layers.{i}."
-            q, k, v = sd[s + "attn.wqkv.weight"].split([q_rows, kv_rows, kv_rows], dim=0)
-            gate, up = sd[s + "mlp.w13.weight"].split(cfg.d_ff, dim=0)
-            out |= {
-                d + "self_attn.q_proj.weight": q,
-                d + "self_attn.k_proj.weight": k,
-                d + "self_attn.v_proj.weight": v,
-                d + "self_attn.o_proj.weight": sd[s + "attn.wo.weight"],
-                d + "mlp.gate_proj.weight": gate,
-                d + "mlp.up_proj.weight": up,
-                d + "mlp.down_proj.weight": sd[s + "mlp.w2.weight"],
-                d + "input_layernorm.weight": sd[s + "attn_norm.weight"],
-                d + "post_attention_layernorm.weight": sd[s + "mlp_norm.weight"],
-            }
-        return out
+    return to_hf_state_dict(model)
 
 
 def hf_llama_like(model: Any, attn_implementation: str = "sdpa") -> Any:
