@@ -30,7 +30,7 @@ from llmctl.core.artifacts import Manifest, commit_output, input_record
 from llmctl.core.classify import MODEL_FILE, NEGATIVE, POSITIVE, QUALITY_KIND, normalise
 from llmctl.core.config import require, to_dict
 from llmctl.core.docs import open_docs
-from llmctl.core.errors import InputError
+from llmctl.core.errors import InputError, TrainingError
 from llmctl.core.progress import SILENT, Progress
 
 
@@ -119,18 +119,31 @@ def run(
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "train.txt"
             path.write_text("".join(f"{lab} {line}\n" for lab, line in train), encoding="utf-8")
-            model = fasttext.train_supervised(
-                input=str(path),
-                epoch=cfg.epoch,
-                lr=cfg.lr,
-                dim=cfg.dim,
-                wordNgrams=cfg.word_ngrams,
-                minCount=cfg.min_count,
-                bucket=cfg.bucket,
-                thread=cfg.threads,
-                seed=cfg.seed,
-                verbose=0,
-            )
+            # fastText's SGD can diverge ("Encountered NaN") at a high learning rate on small or
+            # skewed data; halve the rate and try again rather than fail, and record what was used.
+            lr = cfg.lr
+            for attempt in range(5):
+                try:
+                    model = fasttext.train_supervised(
+                        input=str(path),
+                        epoch=cfg.epoch,
+                        lr=lr,
+                        dim=cfg.dim,
+                        wordNgrams=cfg.word_ngrams,
+                        minCount=cfg.min_count,
+                        bucket=cfg.bucket,
+                        thread=cfg.threads,
+                        seed=cfg.seed,
+                        verbose=0,
+                    )
+                    break
+                except RuntimeError as e:
+                    if "NaN" not in str(e) or attempt == 4:
+                        raise TrainingError(
+                            f"fastText training diverged ({e}) even at lr {lr:g}",
+                            "lower --lr or add training documents",
+                        ) from None
+                    lr /= 2
         progress.stop()
         model.save_model(str(out.path / MODEL_FILE))
         scores = _scores(model, [line for _, line in test])
@@ -141,7 +154,7 @@ def run(
             "holdout_positive": int(truth.sum()),
             "holdout_negative": int((~truth).sum()),
         }
-        out.manifest.stats = metrics(truth, scores)
+        out.manifest.stats = {**metrics(truth, scores), "lr_used": lr}
         out.manifest.extra = {
             "labels": {"positive": POSITIVE, "negative": NEGATIVE},
             "normalise": "whitespace collapsed to single spaces",
