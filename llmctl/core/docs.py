@@ -134,6 +134,18 @@ class DocSource:
             if batch.num_rows:
                 yield batch
 
+    def spool(self, path: Path) -> DocSource:
+        """Copy this input (read once, e.g. stdin) to a zstd Parquet file at `path` and return a
+        source over that file, for stages that read their input twice."""
+        writer = None
+        for batch in self.batches():
+            if writer is None:
+                writer = pq.ParquetWriter(path, batch.schema, compression="zstd")
+            writer.write_batch(batch)
+        if writer is not None:
+            writer.close()
+        return DocSource(str(path), [path], "text", self.encoding_errors)
+
     def texts(self) -> Iterator[str]:
         """Stream the non-empty texts only."""
         for batch in self.batches(columns=["text"]):

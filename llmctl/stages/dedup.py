@@ -270,7 +270,7 @@ def run(
             work = Path(tmp)
             src_ = source
             if source.path == "-":  # read twice (signatures, then write): spool it
-                src_ = _spool_stdin(source, work / "stdin.parquet")
+                src_ = source.spool(work / "stdin.parquet")
             units = src_.units()
             t0 = time.perf_counter()
             (work / "sigs").mkdir()
@@ -313,17 +313,6 @@ def _labels(source: DocSource) -> list[str]:
     if root.is_dir():
         return [f.relative_to(root).as_posix() for f in source.files]
     return [f.name for f in source.files]
-
-
-def _spool_stdin(source: DocSource, path: Path) -> DocSource:
-    writer = None
-    for batch in source.batches():
-        if writer is None:
-            writer = pq.ParquetWriter(path, batch.schema, compression="zstd")
-        writer.write_batch(batch)
-    if writer is not None:
-        writer.close()
-    return DocSource(str(path), [path], "text", source.encoding_errors)
 
 
 def _unit_rows(

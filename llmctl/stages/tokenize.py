@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from llmctl.core.artifacts import Manifest, commit_output
 from llmctl.core.config import require, to_dict
@@ -91,7 +90,7 @@ def run(
         dst, kind="tokens", stage="tokenize", config=to_dict(cfg), inputs=inputs, force=force
     ) as out:
         if source.path == "-":
-            source = _spool_stdin(source, out.path / ".stdin.parquet")
+            source = source.spool(out.path / ".stdin.parquet")
         if cfg.tokenizer:
             tok = Tokenizer.load(cfg.tokenizer)
             train_seconds = 0.0
@@ -117,17 +116,6 @@ def run(
             **unigram,
         }
     return out.manifest
-
-
-def _spool_stdin(source: DocSource, path: Path) -> DocSource:
-    writer = None
-    for batch in source.batches():
-        if writer is None:
-            writer = pq.ParquetWriter(path, batch.schema, compression="zstd")
-        writer.write_batch(batch)
-    if writer is not None:
-        writer.close()
-    return DocSource(str(path), [path], "text", source.encoding_errors)
 
 
 def _doc_key(seed: int, i: int, salt: bytes) -> float:
