@@ -83,7 +83,9 @@ def test_preferences_in_trl_and_ultrafeedback_forms(tmp_path: Path) -> None:
     ]
     prefs, _ = load_preferences(_jsonl(tmp_path / "p.jsonl", rows))
     for p in prefs:
-        assert p.prompt == [user] and p.chosen == [good] and p.rejected == [bad]
+        assert p.prompt == [user]
+        assert p.chosen == [good]
+        assert p.rejected == [bad]
 
 
 @pytest.mark.parametrize(
@@ -134,7 +136,8 @@ def test_preference_encoding_shares_the_prompt(tokenizer) -> None:  # noqa: ANN0
     (pair,), _ = encode_preferences(tokenizer, [p], 64)
     assert pair.prompt[-1] == tokenizer.role_ids["assistant"]
     assert pair.chosen == tokenizer.encode("yes") + [tokenizer.end_id]
-    assert all(pair.chosen_mask) and all(pair.rejected_mask)
+    assert all(pair.chosen_mask)
+    assert all(pair.rejected_mask)
 
 
 def _loss_sum(model: Transformer, batch) -> torch.Tensor:  # noqa: ANN001
