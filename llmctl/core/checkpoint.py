@@ -70,6 +70,8 @@ def save_checkpoint(
     trainer_state: dict[str, Any] | None = None,
     manifest: Manifest | None = None,
     extra_config: dict[str, Any] | None = None,
+    weights: dict[str, torch.Tensor] | None = None,
+    extra_tensors: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write a checkpoint directory atomically (temporary name, then rename over `path`).
 
@@ -81,6 +83,10 @@ def save_checkpoint(
         trainer_state: JSON-able resume state (step, tokens, ...).
         manifest: Written last; a default "checkpoint" manifest if None.
         extra_config: Merged into config.json (e.g. {"head": "reward"} for later stages).
+        weights: The plain-Transformer state dict to store instead of `model`'s own (e.g. LoRA
+            deltas merged in while the model itself still carries adapters).
+        extra_tensors: More resume state (adapters, value heads), stored in the trainer state file;
+            read back with `load_extra_tensors`.
 
     Returns:
         `path`.
@@ -97,6 +103,8 @@ def save_checkpoint(
         optimizer=optimizer,
         trainer_state=trainer_state,
         extra_config=extra_config,
+        weights=weights,
+        extra_tensors=extra_tensors,
     )
     m = manifest or Manifest(kind="checkpoint", stage="checkpoint")
     m.fingerprint = dir_fingerprint(tmp)
@@ -120,11 +128,14 @@ def write_checkpoint_files(
     optimizer: torch.optim.Optimizer | None = None,
     trainer_state: dict[str, Any] | None = None,
     extra_config: dict[str, Any] | None = None,
+    weights: dict[str, torch.Tensor] | None = None,
+    extra_tensors: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    """Write a checkpoint's files (no manifest) into an existing directory."""
+    """Write a checkpoint's files (no manifest) into an existing directory (arguments as in
+    `save_checkpoint`)."""
     directory = Path(directory)
     save_file(
-        model_state(model),
+        weights if weights is not None else model_state(model),
         str(directory / WEIGHTS),
         metadata={"format": "pt", "llmctl": __version__},
     )
@@ -137,9 +148,11 @@ def write_checkpoint_files(
     }
     (directory / CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
     tokenizer.save(directory)
-    if optimizer is not None or trainer_state is not None:
+    if optimizer is not None or trainer_state is not None or extra_tensors:
         tensors, meta = _pack_optimizer(optimizer) if optimizer is not None else ({}, {})
         tensors["rng.torch_cpu"] = torch.get_rng_state()
+        for k, v in (extra_tensors or {}).items():
+            tensors[f"extra.{k}"] = v.detach().contiguous().cpu()
         save_file(tensors, str(directory / STATE_TENSORS))
         state = {**(trainer_state or {}), "optimizer": meta}
         (directory / STATE_JSON).write_text(json.dumps(state, indent=2) + "\n")
@@ -272,6 +285,22 @@ def load_trainer_state(path: Path, optimizer: torch.optim.Optimizer | None) -> d
     if "rng.torch_cpu" in tensors:
         torch.set_rng_state(tensors["rng.torch_cpu"])
     return meta
+
+
+def load_extra_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The `extra_tensors` a checkpoint was saved with (empty when none).
+
+    Raises:
+        InputError: The trainer state file is corrupt.
+    """
+    f = Path(path) / STATE_TENSORS
+    if not f.is_file():
+        return {}
+    try:
+        tensors = load_file(str(f), device="cpu")
+    except (SafetensorError, OSError) as e:
+        raise InputError(f"{f} is corrupt ({e})") from None
+    return {k[len("extra.") :]: v for k, v in tensors.items() if k.startswith("extra.")}
 
 
 def write_config_json(path: Path, cfg: dict[str, Any]) -> None:
