@@ -11,9 +11,9 @@ Choices, and why:
   its output `wo`, the fused SwiGLU gate/up `w13` and the down projection `w2`. The paper adapted
   only W_q and W_v, but later work (QLoRA, Dettmers et al., 2023) found that adapting every block
   linear is what closes the gap to full fine-tuning, and the cost stays small: rank 8 on all four
-  adds about 6% of the block weights at the `tiny` preset and 1.3% at `124m`. Because q/k/v and gate/up are fused here,
-  one adapter covers the whole fused matrix (the paper would give q, k and v separate ones); the
-  update's rank budget is then shared between them. The LM head is opt-in (`lm_head`) and is
+  adds about 6% of the block weights at the `tiny` preset and 1.3% at `124m`. Because q/k/v and
+  gate/up are fused here, one adapter covers each whole fused matrix (the paper would give q, k and
+  v separate ones), so the rank budget is shared between them. The LM head is opt-in (`lm_head`) and is
   refused when it is tied to the token embedding: an adapter on a shared matrix would change the
   input embeddings too, and merging it could not be stored as a plain tied checkpoint. Embeddings
   and norms are never adapted.
