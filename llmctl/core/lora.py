@@ -13,10 +13,10 @@ Choices, and why:
   linear is what closes the gap to full fine-tuning, and the cost stays small: rank 8 on all four
   adds about 6% of the block weights at the `tiny` preset and 1.3% at `124m`. Because q/k/v and
   gate/up are fused here, one adapter covers each whole fused matrix (the paper would give q, k and
-  v separate ones), so the rank budget is shared between them. The LM head is opt-in (`lm_head`) and is
-  refused when it is tied to the token embedding: an adapter on a shared matrix would change the
-  input embeddings too, and merging it could not be stored as a plain tied checkpoint. Embeddings
-  and norms are never adapted.
+  v separate ones), so the rank budget is shared between them. The LM head is opt-in (`lm_head`)
+  and is refused when it is tied to the token embedding: an adapter on a shared matrix would change
+  the input embeddings too, and merging it could not be stored as a plain tied checkpoint.
+  Embeddings and norms are never adapted.
 - **Scaling.** The update is multiplied by `alpha / rank`, as in the paper, so that changing the
   rank does not require re-tuning the learning rate; alpha = 2 x rank is the common default.
 - **Init.** `A` is Kaiming-uniform with a = sqrt(5), i.e. U(-1/sqrt(in), 1/sqrt(in)), the paper's
@@ -185,7 +185,8 @@ def apply_lora(
 ) -> list[nn.Parameter]:
     """Freeze the model and put an adapter on each target linear layer, in place.
 
-    Works before or after `.to(device)`: adapters are created on each base weight's device and dtype.
+    Works before or after `.to(device)`: adapters are created on each base weight's device and
+    dtype.
 
     Args:
         model: A `Transformer` (or any module whose linears are named like its).
