@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,7 @@ def save_checkpoint(
     extra_config: dict[str, Any] | None = None,
     weights: dict[str, torch.Tensor] | None = None,
     extra_tensors: dict[str, torch.Tensor] | None = None,
+    extra_files: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write a checkpoint directory atomically (temporary name, then rename over `path`).
 
@@ -87,6 +89,8 @@ def save_checkpoint(
             deltas merged in while the model itself still carries adapters).
         extra_tensors: More resume state (adapters, value heads), stored in the trainer state file;
             read back with `load_extra_tensors`.
+        extra_files: Called with the temporary directory to add files (a reward head, say) before
+            the manifest is written, so they count in its fingerprint and share the atomic rename.
 
     Returns:
         `path`.
@@ -106,6 +110,8 @@ def save_checkpoint(
         weights=weights,
         extra_tensors=extra_tensors,
     )
+    if extra_files is not None:
+        extra_files(tmp)
     m = manifest or Manifest(kind="checkpoint", stage="checkpoint")
     m.fingerprint = dir_fingerprint(tmp)
     m.tokenizer = {"fingerprint": tokenizer.fingerprint, "vocab_size": tokenizer.vocab_size}
