@@ -227,6 +227,7 @@ def _global(
 @app.command(
     epilog="Example: llmctl corpus -o data/docs   |   llmctl corpus -o - | llmctl tokenize - -o data/tokens"
     "   |   llmctl corpus --format warc -o data/crawl"
+    "   |   llmctl corpus --format chat -o data/chat  (also prefs, prompts)"
 )
 @handle_errors
 def corpus(
@@ -240,12 +241,16 @@ def corpus(
         str | None, typer.Option(help="Comma-separated: topics,docstrings,code.")
     ] = None,
     max_docs: Annotated[
-        int | None, typer.Option(help="Stop after this many documents (0 = all).")
+        int | None, typer.Option(help="Stop after this many documents or rows (0 = all).")
     ] = None,
     format: Annotated[
         str | None,
         typer.Option(
-            "--format", help="docs (a dataset) or warc (a raw crawl with ground-truth labels)."
+            "--format",
+            help="docs (a dataset), warc (a raw crawl with ground-truth labels), or post-training "
+            "data from stdlib docstrings and signatures: chat (conversations, for sft), prefs "
+            "(chosen/rejected pairs, for rm), prompts (with references, for ppo); the three use "
+            "disjoint sets of functions.",
         ),
     ] = None,
     config: ConfigOpt = None,
@@ -256,7 +261,8 @@ def corpus(
     Documentation topics, docstrings and source code of the interpreter's stdlib, in a fixed order:
     byte-identical output for the same Python version. With --format warc: the prose as web pages in
     a .warc.gz with boilerplate, planted duplicates, spam, foreign-language and broken records, plus
-    labels.jsonl ground truth (input for crawl-filter and dedup).
+    labels.jsonl ground truth (input for crawl-filter and dedup). With --format chat, prefs or
+    prompts: post-training datasets built from the stdlib's docstrings, signatures and help topics.
     """
     from llmctl.stages import corpus as stage
 
