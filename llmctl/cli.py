@@ -977,6 +977,111 @@ def pretrain(
     summary(f"pretrain -> {output}", rows)
 
 
+# -- post-training ---------------------------------------------------------------------------------
+
+
+@app.command(
+    epilog="Example: llmctl sft data/chat --init runs/base -o runs/sft --epochs 2\n\n"
+    "LoRA: llmctl sft data/chat --init runs/base -o runs/sft-lora --lora-rank 16"
+)
+@handle_errors
+def sft(
+    data: Annotated[
+        str | None,
+        typer.Argument(
+            help="Conversations: Parquet/JSONL/dataset dir with a `messages` column "
+            "(or `prompt` + `response`), or - for an Arrow stream."
+        ),
+    ] = None,
+    output: OutOpt = Path("runs/sft"),
+    init: Annotated[str | None, typer.Option(help="Checkpoint to fine-tune (required).")] = None,
+    seq_len: Annotated[int | None, typer.Option(help="Tokens per row (longer chats are cut).")] = None,
+    pack: Annotated[
+        bool | None,
+        typer.Option(
+            "--pack/--no-pack",
+            help="Pack conversations into rows (attention stays within each) or pad one per row.",
+        ),
+    ] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Rows per optimizer step.")] = None,
+    micro_batch: Annotated[int | None, typer.Option(help="Rows per forward pass.")] = None,
+    epochs: Annotated[float | None, typer.Option(help="Passes over the data (default 3).")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Optimizer steps (overrides --epochs).")] = None,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate (default 3e-4).")] = None,
+    min_lr: Annotated[float | None, typer.Option(help="Cosine floor (default lr/10).")] = None,
+    warmup_steps: Annotated[int | None, typer.Option(help="Linear warmup steps.")] = None,
+    weight_decay: Annotated[float | None, typer.Option(help="AdamW weight decay (matrices).")] = None,
+    grad_clip: Annotated[float | None, typer.Option(help="Max gradient norm (0 = off).")] = None,
+    val_fraction: Annotated[
+        float | None, typer.Option(help="Held-out share of conversations (validation loss).")
+    ] = None,
+    eval_every: Annotated[int | None, typer.Option(help="Steps between validation runs.")] = None,
+    save_every: Annotated[int | None, typer.Option(help="Steps between checkpoints.")] = None,
+    lora_rank: Annotated[
+        int | None, typer.Option(help="LoRA rank (0 = full fine-tuning); merged into the output.")
+    ] = None,
+    lora_alpha: Annotated[float | None, typer.Option(help="LoRA alpha (scale = alpha/rank).")] = None,
+    lora_dropout: Annotated[float | None, typer.Option(help="Dropout on the LoRA input.")] = None,
+    lora_targets: Annotated[
+        str | None, typer.Option(help="Comma-separated layers: wqkv,wo,w13,w2 (default all four).")
+    ] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N, mps.")] = None,
+    precision: Annotated[str | None, typer.Option(help="auto, fp32 or bf16 (autocast).")] = None,
+    resume: Annotated[
+        bool,
+        typer.Option("--resume", help="Continue from the newest checkpoint in OUTPUT.partial/."),
+    ] = False,
+    config: ConfigOpt = None,
+    force: ForceOpt = False,
+) -> None:
+    """Supervised fine-tuning on conversations: loss on the assistant's tokens only.
+
+    Renders every conversation with llmctl's chat template (the one tokenize reserved tokens for),
+    packs them into rows with attention kept inside each conversation, and trains with the same
+    loop as pretrain (warmup + cosine, accumulation, clipping, checkpoints, --resume). The output
+    is a plain checkpoint: `llmctl generate OUT "question" --chat` talks to it.
+    """
+    from llmctl.stages import sft as stage
+
+    cfg = make_config(
+        stage.SFTConfig,
+        config,
+        "sft",
+        data=data,
+        init=init,
+        seq_len=seq_len,
+        pack=pack,
+        batch_size=batch_size,
+        micro_batch=micro_batch,
+        epochs=epochs,
+        max_steps=max_steps,
+        lr=lr,
+        min_lr=min_lr,
+        warmup_steps=warmup_steps,
+        weight_decay=weight_decay,
+        grad_clip=grad_clip,
+        val_fraction=val_fraction,
+        eval_every=eval_every,
+        save_every=save_every,
+        lora_rank=lora_rank,
+        lora_alpha=lora_alpha,
+        lora_dropout=lora_dropout,
+        lora_targets=tuple(t.strip() for t in lora_targets.split(",") if t.strip())
+        if lora_targets
+        else None,
+        device=device,
+        precision=precision,
+    )
+    show_config(cfg)
+    m = stage.run(output, cfg, force=force, resume=resume, progress=progress())
+    rows = {
+        **m.counts,
+        **{k: v for k, v in m.stats.items() if not isinstance(v, dict) and v is not None},
+    }
+    rows["device"] = f"{m.stats['runtime']['device']} ({m.stats['runtime']['precision']})"
+    summary(f"sft -> {output}", rows)
+
+
 # -- inference -------------------------------------------------------------------------------------
 
 
@@ -1062,7 +1167,6 @@ def inspect(
 # -- stages that later releases add ----------------------------------------------------------------
 
 PLANNED = {
-    "sft": "supervised fine-tuning on conversations (loss on assistant tokens)",
     "rm": "reward model from preference pairs (Bradley-Terry)",
     "ppo": "RLHF with PPO against a reward model",
     "eval": "perplexity, lm-evaluation-harness tasks, HumanEval, LLM-as-a-judge",

@@ -68,3 +68,13 @@ def tokens_dir(tmp_path_factory: pytest.TempPathFactory, docs_dir: Path) -> Path
         docs_dir, out, tokenize.TokenizeConfig(vocab_size=512, val_fraction=0.1, workers=1)
     )
     return out
+
+
+@pytest.fixture(scope="session")
+def base_ckpt(tmp_path_factory: pytest.TempPathFactory, tokens_dir: Path) -> Path:
+    """A briefly pretrained 2-layer checkpoint (context 64) to post-train from."""
+    from llmctl.stages import pretrain
+
+    out = tmp_path_factory.mktemp("base") / "base"
+    pretrain.run(out, tiny_pretrain(tokens_dir, seq_len=64, batch_tokens=512, micro_batch=8, max_steps=20))
+    return out
