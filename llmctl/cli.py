@@ -1082,6 +1082,162 @@ def sft(
     summary(f"sft -> {output}", rows)
 
 
+PrefsArg = Annotated[
+    str,
+    typer.Argument(
+        help="Preference pairs: Parquet/JSONL/dataset dir with `chosen` and `rejected` "
+        "(strings or message lists) and usually `prompt`; or - for an Arrow stream."
+    ),
+]
+PairInitOpt = Annotated[
+    str | None, typer.Option(help="Checkpoint to start from, usually the SFT model (required).")
+]
+PairValOpt = Annotated[
+    float | None, typer.Option(help="Held-out share of pairs, split by prompt (default 0.1).")
+]
+PairEpochsOpt = Annotated[float | None, typer.Option(help="Passes over the pairs (default 1).")]
+PairStepsOpt = Annotated[int | None, typer.Option(help="Optimizer steps (overrides --epochs).")]
+PairBatchOpt = Annotated[int | None, typer.Option(help="Pairs per optimizer step (default 32).")]
+PairMicroOpt = Annotated[int | None, typer.Option(help="Pairs per forward pass (default 8).")]
+PairMaxLenOpt = Annotated[
+    int | None, typer.Option(help="Tokens of prompt + answer (default 512, capped at the context).")
+]
+PairMinLrOpt = Annotated[float | None, typer.Option(help="Cosine floor (default lr/10).")]
+PairWarmupOpt = Annotated[int | None, typer.Option(help="Linear warmup steps (default 10).")]
+PairEvalOpt = Annotated[int | None, typer.Option(help="Steps between held-out evaluations.")]
+PairSaveOpt = Annotated[int | None, typer.Option(help="Steps between checkpoints.")]
+DeviceOpt = Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N, mps.")]
+PrecisionOpt = Annotated[str | None, typer.Option(help="auto, fp32 or bf16 (autocast).")]
+ResumeOpt = Annotated[
+    bool, typer.Option("--resume", help="Continue from the newest checkpoint in OUTPUT.partial/.")
+]
+
+
+def _pair_summary(title: str, m: Any) -> None:
+    s = m.stats
+    rows: dict[str, Any] = {**m.counts, "train_loss": s.get("train_loss")}
+    for k in ("loss", "accuracy", "margin", "chosen_reward", "rejected_reward"):
+        if f"val_{k}" in s:
+            before = s.get(f"val_{k}_init", float("nan"))
+            rows[f"val_{k}"] = f"{s[f'val_{k}']:.4f}  (before: {before:.4f})"
+    rows["train_seconds"] = s.get("train_seconds")
+    rows["device"] = f"{s['runtime']['device']} ({s['runtime']['precision']})"
+    summary(title, rows)
+
+
+rm_app = typer.Typer(
+    cls=_DefaultRunGroup,
+    no_args_is_help=True,
+    help="Reward model: a scalar head on a checkpoint, trained on preference pairs "
+    "(Bradley-Terry loss).\n\n"
+    "llmctl rm PREFS --init SFT -o OUT is short for `rm run`; `rm score RM DATA -o OUT` "
+    "adds reward scores to conversations or pairs.",
+    epilog="Example: llmctl rm data/prefs.jsonl --init runs/sft -o runs/rm   |   "
+    "llmctl rm score runs/rm data/prefs.jsonl -o data/prefs-scored",
+)
+app.add_typer(rm_app, name="rm")
+
+
+@rm_app.command(
+    "run",
+    epilog="Example: llmctl rm data/prefs.jsonl --init runs/sft -o runs/rm --epochs 1 --lr 1e-4",
+)
+@handle_errors
+def rm_run(
+    data: PrefsArg,
+    output: OutOpt = Path("runs/rm"),
+    init: PairInitOpt = None,
+    val_fraction: PairValOpt = None,
+    epochs: PairEpochsOpt = None,
+    max_steps: PairStepsOpt = None,
+    batch_size: PairBatchOpt = None,
+    micro_batch: PairMicroOpt = None,
+    max_len: PairMaxLenOpt = None,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate (default 1e-4).")] = None,
+    min_lr: PairMinLrOpt = None,
+    warmup_steps: PairWarmupOpt = None,
+    eval_every: PairEvalOpt = None,
+    save_every: PairSaveOpt = None,
+    device: DeviceOpt = None,
+    precision: PrecisionOpt = None,
+    resume: ResumeOpt = False,
+    config: ConfigOpt = None,
+    force: ForceOpt = False,
+) -> None:
+    """Train a reward model: r(prompt + answer) from the last token's hidden state, loss
+    -log sigmoid(r_chosen - r_rejected).
+
+    Reports held-out accuracy (share of pairs ranked right) and mean margin, before and after.
+    The output is a checkpoint plus head.safetensors: `llmctl ppo --reward OUT` and `rm score` read
+    it, and `generate` still opens it as a plain LM.
+    """
+    from llmctl.stages import rm as stage
+
+    cfg = make_config(
+        stage.RMConfig,
+        config,
+        "rm",
+        data=data,
+        init=init,
+        val_fraction=val_fraction,
+        epochs=epochs,
+        max_steps=max_steps,
+        batch_size=batch_size,
+        micro_batch=micro_batch,
+        max_len=max_len,
+        lr=lr,
+        min_lr=min_lr,
+        warmup_steps=warmup_steps,
+        eval_every=eval_every,
+        save_every=save_every,
+        device=device,
+        precision=precision,
+    )
+    show_config(cfg)
+    m = stage.run(output, cfg, force=force, resume=resume, progress=progress())
+    _pair_summary(f"rm -> {output}", m)
+
+
+@rm_app.command(
+    "score",
+    epilog="Example: llmctl rm score runs/rm data/prefs.jsonl -o data/prefs-scored   |   "
+    "llmctl rm score runs/rm data/chat.jsonl -o data/chat-scored",
+)
+@handle_errors
+def rm_score(
+    checkpoint: Annotated[Path, typer.Argument(help="Reward model written by `llmctl rm`.")],
+    data: Annotated[
+        str,
+        typer.Argument(
+            help="Conversations (`messages`, or `prompt` + `response`) or pairs "
+            "(`prompt`, `chosen`, `rejected`)."
+        ),
+    ],
+    output: OutOpt,
+    batch_size: Annotated[int | None, typer.Option(help="Sequences per forward pass.")] = None,
+    max_len: Annotated[
+        int | None, typer.Option(help="Tokens per sequence (default: the model's context).")
+    ] = None,
+    device: DeviceOpt = None,
+    config: ConfigOpt = None,
+    force: ForceOpt = False,
+) -> None:
+    """Score with a reward model: writes the input rows plus `score` (conversations) or
+    `score_chosen` and `score_rejected` (pairs) as a docs dataset (Parquet)."""
+    from llmctl.stages import rm as stage
+
+    cfg = make_config(
+        stage.RMScoreConfig,
+        config,
+        "rm-score",
+        batch_size=batch_size,
+        max_len=max_len,
+        device=device,
+    )
+    m = stage.score(checkpoint, data, output, cfg, force=force, progress=progress())
+    summary(f"rm score -> {output}", {**m.counts, **m.stats})
+
+
 # -- inference -------------------------------------------------------------------------------------
 
 
@@ -1167,7 +1323,6 @@ def inspect(
 # -- stages that later releases add ----------------------------------------------------------------
 
 PLANNED = {
-    "rm": "reward model from preference pairs (Bradley-Terry)",
     "ppo": "RLHF with PPO against a reward model",
     "eval": "perplexity, lm-evaluation-harness tasks, HumanEval, LLM-as-a-judge",
     "chat": "interactive multi-turn chat in the terminal",

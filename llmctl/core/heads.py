@@ -1,0 +1,214 @@
+"""Scalar heads on the decoder: the reward model that `rm` trains and `ppo` scores rollouts with.
+
+A reward model is the decoder's final normed hidden state at the *last real token* of a sequence
+(prompt + answer, ending with the answer's <|end|>) mapped to one number by a linear head, as in
+InstructGPT (Ouyang et al., 2022) and TRL's AutoModelForSequenceClassification. Rows are right-padded,
+so causal attention already keeps padding out of every real position; the head just reads position
+`length - 1` of each row.
+
+On disk a reward model is an ordinary checkpoint (core/checkpoint.py: the backbone with its LM head,
+config.json, tokenizer.model, manifest), so `generate` and `load_checkpoint` still open it as a plain
+LM, plus `head.safetensors` (`weight` (1, d_model), `bias` (1,)) and, in config.json,
+`"head": {"kind": "reward", "file": "head.safetensors"}`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from llmctl.core.artifacts import Manifest
+from llmctl.core.checkpoint import (
+    CONFIG,
+    check_checkpoint_dir,
+    load_checkpoint,
+    save_checkpoint,
+    write_checkpoint_files,
+)
+from llmctl.core.errors import InputError
+from llmctl.core.model import Transformer
+from llmctl.core.tokenizer import Tokenizer
+
+HEAD_FILE = "head.safetensors"
+REWARD_HEAD = {"kind": "reward", "file": HEAD_FILE}
+
+
+class ScalarHead(nn.Module):
+    """Linear(d_model, 1) with a bias. Initialised small (std 1/(d_model+1), as OpenRLHF does) so the
+    first rewards are near 0 and the pairwise loss starts near log 2 instead of saturating."""
+
+    def __init__(self, d_model: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(d_model, 1, bias=True)
+        with torch.no_grad():
+            self.proj.weight.normal_(0.0, 1.0 / (d_model + 1))
+            self.proj.bias.zero_()
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """(..., d_model) -> (...) scalars, in fp32."""
+        return self.proj(h.float()).squeeze(-1)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The head as stored in head.safetensors."""
+        return {
+            "weight": self.proj.weight.detach().contiguous().cpu(),
+            "bias": self.proj.bias.detach().contiguous().cpu(),
+        }
+
+
+class RewardModel(nn.Module):
+    """A decoder plus a scalar head read at each row's last real token."""
+
+    def __init__(self, backbone: Transformer, head: ScalarHead | None = None) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head if head is not None else ScalarHead(backbone.cfg.d_model)
+        self.head.to(backbone.embed.weight.device)
+
+    def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Rewards of right-padded rows.
+
+        Args:
+            ids: (B, T) token ids, real tokens first, then padding.
+            lengths: (B,) real token counts (>= 1).
+
+        Returns:
+            (B,) fp32 rewards.
+        """
+        h = self.backbone(ids, hidden=True)  # (B, T, d_model)
+        last = h[torch.arange(ids.shape[0], device=ids.device), lengths - 1]  # (B, d_model)
+        return self.head(last)
+
+    @torch.no_grad()
+    def score(
+        self, seqs: Sequence[Sequence[int]], *, pad_id: int, batch_size: int = 32
+    ) -> torch.Tensor:
+        """Rewards of token sequences (prompt + answer ids each), in batches, without gradients.
+
+        Returns:
+            (len(seqs),) fp32 rewards on the CPU.
+        """
+        out = []
+        device = self.backbone.embed.weight.device
+        for i in range(0, len(seqs), batch_size):
+            ids, lengths = pad_right(seqs[i : i + batch_size], pad_id)
+            out.append(self(ids.to(device), lengths.to(device)).cpu())
+        return torch.cat(out) if out else torch.zeros(0)
+
+
+def pad_right(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad id lists into (B, T_max) and their lengths (B,)."""
+    lengths = torch.tensor([len(s) for s in seqs], dtype=torch.long)
+    ids = torch.full((len(seqs), int(lengths.max())), pad_id, dtype=torch.long)
+    for b, s in enumerate(seqs):
+        ids[b, : len(s)] = torch.tensor(list(s), dtype=torch.long)
+    return ids, lengths
+
+
+def write_head(directory: Path, head: ScalarHead) -> None:
+    """Write head.safetensors into a checkpoint directory being built."""
+    save_file(head.tensors(), str(Path(directory) / HEAD_FILE), metadata={"kind": "reward"})
+
+
+def save_reward_model(
+    path: Path,
+    rm: RewardModel,
+    tokenizer: Tokenizer,
+    *,
+    optimizer: torch.optim.Optimizer | None = None,
+    trainer_state: dict[str, Any] | None = None,
+    manifest: Manifest | None = None,
+) -> Path:
+    """Write a reward-model checkpoint atomically (the backbone checkpoint plus head.safetensors).
+
+    Returns:
+        `path`.
+    """
+    return save_checkpoint(
+        path,
+        rm.backbone,
+        tokenizer,
+        optimizer=optimizer,
+        trainer_state=trainer_state,
+        manifest=manifest,
+        extra_config={"head": REWARD_HEAD},
+        extra_files=lambda d: write_head(d, rm.head),
+    )
+
+
+def write_reward_model_files(
+    directory: Path,
+    rm: RewardModel,
+    tokenizer: Tokenizer,
+    *,
+    optimizer: torch.optim.Optimizer | None = None,
+    trainer_state: dict[str, Any] | None = None,
+) -> None:
+    """Write a reward model's files (no manifest) into a directory being committed."""
+    write_checkpoint_files(
+        directory,
+        rm.backbone,
+        tokenizer,
+        optimizer=optimizer,
+        trainer_state=trainer_state,
+        extra_config={"head": REWARD_HEAD},
+    )
+    write_head(directory, rm.head)
+
+
+def load_reward_model(
+    path: Path, device: torch.device | str = "cpu", tokenizer: Tokenizer | None = None
+) -> tuple[RewardModel, Tokenizer]:
+    """Load a reward model (fp32, eval mode) and its tokenizer.
+
+    Args:
+        path: Reward-model checkpoint directory.
+        device: Where to put the weights.
+        tokenizer: The tokenizer of the model whose outputs will be scored (the PPO policy); the
+            reward model must have been trained with the same one.
+
+    Raises:
+        InputError: Not a reward model, a corrupt head, or a tokenizer mismatch.
+    """
+    path = Path(path)
+    cfg = check_checkpoint_dir(path)
+    head_cfg = cfg.get("head") or {}
+    head_file = path / (head_cfg.get("file") or HEAD_FILE)
+    if head_cfg.get("kind") != "reward" or not head_file.is_file():
+        raise InputError(
+            f"{path} is not a reward model (no {HEAD_FILE})",
+            f"train one with llmctl rm PREFS --init {path} -o RM",
+        )
+    expected = cfg.get("tokenizer", {}).get("fingerprint")
+    if tokenizer is not None and expected and tokenizer.fingerprint != expected:
+        raise InputError(
+            f"reward model {path} uses tokenizer {expected}, the policy uses {tokenizer.fingerprint}",
+            "train the reward model from the policy's SFT checkpoint: llmctl rm PREFS --init SFT -o RM",
+        )
+    ck = load_checkpoint(path, device=device)
+    try:
+        t = load_file(str(head_file), device="cpu")
+        head = ScalarHead(ck.model.cfg.d_model)
+        head.proj.load_state_dict({"weight": t["weight"], "bias": t["bias"]})
+    except (SafetensorError, OSError, KeyError, RuntimeError) as e:
+        raise InputError(
+            f"{head_file} is corrupt or does not fit the model ({type(e).__name__}: {str(e)[:200]})",
+            "re-train or re-copy the reward model",
+        ) from None
+    return RewardModel(ck.model, head).to(device).eval(), ck.tokenizer
+
+
+def is_reward_model(path: Path) -> bool:
+    """True if `path` holds a reward-model checkpoint (by its config.json and head file)."""
+    try:
+        cfg = json.loads((Path(path) / CONFIG).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return (cfg.get("head") or {}).get("kind") == "reward" and (Path(path) / HEAD_FILE).is_file()
