@@ -1238,6 +1238,107 @@ def rm_score(
     summary(f"rm score -> {output}", {**m.counts, **m.stats})
 
 
+@app.command(
+    epilog="Example: llmctl ppo data/prompts.jsonl --init runs/sft --reward-model runs/rm "
+    "-o runs/ppo --steps 200 --kl-coef 0.05\n\n"
+    "Rule reward: llmctl ppo data/prompts.jsonl --init runs/sft --reward rewards.py:exact_match "
+    "-o runs/ppo  (fn(prompt: str, response: str, row: dict) -> float)"
+)
+@handle_errors
+def ppo(
+    prompts: Annotated[
+        str,
+        typer.Argument(
+            help="RL prompts: Parquet/JSONL/dataset dir with a `prompt` column (string or "
+            "messages); other columns reach a --reward function as `row`."
+        ),
+    ],
+    output: OutOpt = Path("runs/ppo"),
+    init: Annotated[
+        str | None,
+        typer.Option(help="SFT checkpoint: policy, frozen reference, critic (required)."),
+    ] = None,
+    reward_model: Annotated[
+        str | None, typer.Option(help="Reward-model checkpoint from `llmctl rm`.")
+    ] = None,
+    reward: Annotated[
+        str | None,
+        typer.Option(help="Rule reward instead: module:function or file.py:function."),
+    ] = None,
+    steps: Annotated[int | None, typer.Option(help="PPO steps (rollout, score, update).")] = None,
+    batch_prompts: Annotated[int | None, typer.Option(help="Prompts per PPO step.")] = None,
+    minibatch: Annotated[int | None, typer.Option(help="Responses per optimizer step.")] = None,
+    ppo_epochs: Annotated[int | None, typer.Option(help="Passes over each rollout batch.")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(help="Longest response.")] = None,
+    lr: Annotated[float | None, typer.Option(help="AdamW learning rate (constant).")] = None,
+    kl_coef: Annotated[
+        float | None, typer.Option(help="beta: per-token KL penalty to the reference.")
+    ] = None,
+    target_kl: Annotated[
+        float | None, typer.Option(help="Adapt beta toward this per-response KL (nats).")
+    ] = None,
+    clip: Annotated[float | None, typer.Option(help="PPO ratio clip epsilon.")] = None,
+    vf_clip: Annotated[float | None, typer.Option(help="Value clip range.")] = None,
+    vf_coef: Annotated[float | None, typer.Option(help="Weight of the value loss.")] = None,
+    gamma: Annotated[float | None, typer.Option(help="Discount.")] = None,
+    lam: Annotated[float | None, typer.Option(help="GAE lambda.")] = None,
+    grad_clip: Annotated[float | None, typer.Option(help="Max gradient norm (0 = off).")] = None,
+    save_every: Annotated[int | None, typer.Option(help="Steps between checkpoints.")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N, mps.")] = None,
+    precision: Annotated[str | None, typer.Option(help="auto, fp32 or bf16 (autocast).")] = None,
+    resume: Annotated[
+        bool,
+        typer.Option("--resume", help="Continue from the newest checkpoint in OUTPUT.partial/."),
+    ] = False,
+    config: ConfigOpt = None,
+    force: ForceOpt = False,
+) -> None:
+    """RLHF with PPO (InstructGPT): sample answers, score them, stay near the SFT model.
+
+    Each step samples one answer per prompt, scores it with the reward model (or rule), subtracts
+    beta x KL(policy || reference) per token, computes GAE advantages and runs clipped PPO epochs
+    on policy and critic. metrics.jsonl logs score, KL, entropy, clip fraction, value loss,
+    response length and the generation / scoring / optimisation seconds. The output is a plain
+    checkpoint: `llmctl generate OUT "question" --chat` talks to it.
+    """
+    from llmctl.stages import ppo as stage
+
+    cfg = make_config(
+        stage.PPOConfig,
+        config,
+        "ppo",
+        prompts=prompts,
+        init=init,
+        reward_model=reward_model,
+        reward=reward,
+        steps=steps,
+        batch_prompts=batch_prompts,
+        minibatch=minibatch,
+        ppo_epochs=ppo_epochs,
+        max_new_tokens=max_new_tokens,
+        lr=lr,
+        kl_coef=kl_coef,
+        target_kl=target_kl,
+        clip=clip,
+        vf_clip=vf_clip,
+        vf_coef=vf_coef,
+        gamma=gamma,
+        lam=lam,
+        grad_clip=grad_clip,
+        save_every=save_every,
+        device=device,
+        precision=precision,
+    )
+    show_config(cfg)
+    m = stage.run(output, cfg, force=force, resume=resume, progress=progress())
+    rows = {
+        **m.counts,
+        **{k: v for k, v in m.stats.items() if not isinstance(v, dict) and v is not None},
+    }
+    rows["device"] = f"{m.stats['runtime']['device']} ({m.stats['runtime']['precision']})"
+    summary(f"ppo -> {output}", rows)
+
+
 # -- inference -------------------------------------------------------------------------------------
 
 
@@ -1323,7 +1424,6 @@ def inspect(
 # -- stages that later releases add ----------------------------------------------------------------
 
 PLANNED = {
-    "ppo": "RLHF with PPO against a reward model",
     "eval": "perplexity, lm-evaluation-harness tasks, HumanEval, LLM-as-a-judge",
     "chat": "interactive multi-turn chat in the terminal",
     "export": "Hugging Face / GGUF export",

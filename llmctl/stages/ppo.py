@@ -1,0 +1,795 @@
+"""ppo: SFT checkpoint + prompts + reward -> aligned checkpoint. RLHF with PPO as in InstructGPT.
+
+Models: the policy starts from `--init` (an SFT checkpoint); a frozen copy of it is the reference
+for the KL penalty; the critic is a *separate* copy of the policy's backbone with a scalar value head
+(core/heads.py's ScalarHead) read at every response position. A separate critic costs a second
+backbone's memory and compute, but keeps value-loss gradients out of the policy's weights (the
+choice of InstructGPT, which initialises the value function from the reward model; we initialise
+it from the SFT weights, so a rule reward needs no reward model). The reward is a frozen reward
+model (`--reward-model`, from `llmctl rm`) read at the last token of prompt + response, or a Python
+function `fn(prompt, response, row) -> float` (`--reward module:function` or `file.py:function`),
+where `prompt` is the last user message, `response` the decoded answer and `row` the prompt row's
+columns (a `reference` answer, say) plus its `messages`.
+
+One PPO step (core/ppo.py has the algorithm pieces and their references):
+  1. rollout   `batch_prompts` prompts chosen by (seed, step), rendered with the chat template's
+               generation prompt, sampled by the batched KV-cache generator at temperature 1 (no
+               top-k/top-p: the samples must come from the policy whose log-probs we use) until
+               <|end|>, EOS or `max_new_tokens`;
+  2. scoring   the reward of each response; log-probs of policy and reference and the critic's values
+               on every response token; per-token reward -beta * (log pi - log pi_ref) plus the
+               score at the last token; GAE advantages (whitened over the batch) and returns;
+  3. update    `ppo_epochs` passes over shuffled minibatches: clipped surrogate + vf_coef x clipped
+               value loss, one AdamW step (policy and critic together) per minibatch, grad clipping.
+beta is fixed (`--kl-coef`) or, with `--target-kl`, adapted by Ziegler et al.'s controller.
+
+Run directory while training: `<out>.partial/` with `checkpoints/step-N/` every `save_every` steps
+and `metrics.jsonl` (one record per step: score, KL, entropy, clip fraction, losses, response
+length and the generation / scoring / optimisation seconds). A checkpoint is a plain LM checkpoint
+of the policy (`llmctl generate` loads it) plus, as trainer state, the optimizer moments, beta and
+the critic (`trainer_state.critic.safetensors`). `--resume` continues from the newest one: prompts,
+sampling seeds and minibatch orders are pure functions of (seed, step), so it follows the same path.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import importlib
+import importlib.util
+import json
+import math
+import random
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from llmctl.core.artifacts import Manifest, commit_output, input_record, is_artifact, partial_path
+from llmctl.core.chatdata import IGNORE, Prompt, load_prompts
+from llmctl.core.checkpoint import (
+    load_checkpoint,
+    load_trainer_state,
+    model_state,
+    save_checkpoint,
+    write_checkpoint_files,
+)
+from llmctl.core.config import require, to_dict
+from llmctl.core.errors import ConfigError, InputError, LlmctlError, TrainingError
+from llmctl.core.heads import ScalarHead, pad_right
+from llmctl.core.losses import token_logprobs
+from llmctl.core.model import Transformer
+from llmctl.core.optim import make_adamw
+from llmctl.core.ppo import (
+    KLController,
+    explained_variance,
+    gae,
+    masked_mean,
+    policy_loss,
+    token_rewards,
+    value_loss,
+    whiten,
+)
+from llmctl.core.progress import SILENT, Progress
+from llmctl.core.runtime import Runtime
+from llmctl.core.sampling import SamplingConfig, generate
+from llmctl.core.tokenizer import Tokenizer
+from llmctl.core.train_loop import read_metrics, truncate_metrics
+
+CRITIC_FILE = "trainer_state.critic.safetensors"  # "trainer_state.*": resume state, not content
+
+# Fields that change the trajectory: a resumed run must agree on these.
+TRAJECTORY = (
+    "prompts",
+    "init",
+    "reward_model",
+    "reward",
+    "batch_prompts",
+    "minibatch",
+    "ppo_epochs",
+    "max_new_tokens",
+    "lr",
+    "weight_decay",
+    "grad_clip",
+    "clip",
+    "vf_clip",
+    "vf_coef",
+    "kl_coef",
+    "target_kl",
+    "kl_horizon",
+    "gamma",
+    "lam",
+    "seed",
+    "precision",
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PPOConfig:
+    """Settings of `llmctl ppo`."""
+
+    prompts: str = ""  # RL prompts: a `prompt` column (string or messages); other columns kept
+    init: str = ""  # the SFT checkpoint: initial policy, frozen reference and critic backbone
+    reward_model: str | None = None  # reward-model checkpoint (`llmctl rm`); or use `reward`
+    reward: str | None = None  # rule reward "module:function" or "file.py:function"
+    steps: int = 100  # PPO steps (rollout + score + update)
+    batch_prompts: int = 16  # prompts (one response each) per PPO step
+    minibatch: int = 4  # responses per optimizer step
+    ppo_epochs: int = 4  # passes over each batch of rollouts
+    max_new_tokens: int = 64  # longest response; generation also stops at <|end|> or EOS
+    lr: float = 1e-5  # AdamW learning rate (policy and critic), constant
+    weight_decay: float = 0.0  # AdamW decay on matrices
+    grad_clip: float = 1.0  # max global gradient norm (0 = off)
+    clip: float = 0.2  # PPO ratio clip epsilon
+    vf_clip: float = 0.2  # value clip: how far a value may move from its rollout value per batch
+    vf_coef: float = 0.1  # weight of the value loss in the total loss
+    kl_coef: float = 0.05  # beta: per-token KL penalty (initial value when target_kl is set)
+    target_kl: float | None = None  # adapt beta toward this per-response KL (nats); None = fixed
+    kl_horizon: int = 10000  # adaptive controller horizon, in responses
+    gamma: float = 1.0  # discount
+    lam: float = 0.95  # GAE lambda
+    save_every: int = 0  # steps between checkpoints (0 = only at the end)
+    keep_checkpoints: int = 2  # newest intermediate checkpoints kept
+    device: str = "auto"  # auto, cpu, cuda, cuda:1, mps
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto = bf16 where supported
+    seed: int = 0  # prompt choice, sampling and minibatch order
+
+    def __post_init__(self) -> None:
+        require(bool(self.prompts), "no prompts: pass a prompts file or directory")
+        require(bool(self.init), "--init is required: the SFT checkpoint to start from")
+        require(
+            (self.reward_model is None) != (self.reward is None),
+            "pass exactly one of --reward-model CKPT and --reward module:function",
+        )
+        require(self.steps >= 1, f"--steps must be >= 1, got {self.steps}")
+        require(self.batch_prompts >= 2, f"--batch-prompts must be >= 2, got {self.batch_prompts}")
+        require(
+            1 <= self.minibatch <= self.batch_prompts,
+            f"--minibatch must be in [1, --batch-prompts={self.batch_prompts}], got {self.minibatch}",
+        )
+        require(self.ppo_epochs >= 1, f"--ppo-epochs must be >= 1, got {self.ppo_epochs}")
+        require(
+            self.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {self.max_new_tokens}"
+        )
+        require(self.lr > 0, f"--lr must be > 0, got {self.lr}")
+        require(self.grad_clip >= 0, f"--grad-clip must be >= 0, got {self.grad_clip}")
+        require(0 < self.clip < 1, f"--clip must be in (0, 1), got {self.clip}")
+        require(self.vf_clip > 0, f"--vf-clip must be > 0, got {self.vf_clip}")
+        require(self.vf_coef >= 0, f"--vf-coef must be >= 0, got {self.vf_coef}")
+        require(self.kl_coef >= 0, f"--kl-coef must be >= 0, got {self.kl_coef}")
+        require(
+            self.target_kl is None or self.target_kl > 0,
+            f"--target-kl must be > 0, got {self.target_kl}",
+        )
+        require(
+            self.target_kl is None or self.kl_coef > 0,
+            "--target-kl adapts --kl-coef multiplicatively, so --kl-coef must be > 0",
+        )
+        require(self.kl_horizon >= 1, f"--kl-horizon must be >= 1, got {self.kl_horizon}")
+        require(0 < self.gamma <= 1, f"--gamma must be in (0, 1], got {self.gamma}")
+        require(0 <= self.lam <= 1, f"--lam must be in [0, 1], got {self.lam}")
+        require(self.save_every >= 0, f"--save-every must be >= 0, got {self.save_every}")
+        require(
+            self.keep_checkpoints >= 1,
+            f"--keep-checkpoints must be >= 1, got {self.keep_checkpoints}",
+        )
+
+
+# -- reward ---------------------------------------------------------------------------------------
+
+RewardFn = Callable[[str, str, dict], float]
+
+
+def load_reward_fn(spec: str) -> RewardFn:
+    """Import a rule reward from "package.module:function" or "path/to/file.py:function".
+
+    Raises:
+        ConfigError: A malformed spec, a module or file that cannot be imported, or a missing or
+            non-callable attribute.
+    """
+    mod_name, sep, fn_name = spec.rpartition(":")
+    if not sep or not mod_name or not fn_name:
+        raise ConfigError(
+            f"--reward {spec!r} is not of the form module:function",
+            "e.g. --reward my_rewards:exact_match or --reward rewards.py:exact_match",
+        )
+    try:
+        if mod_name.endswith(".py"):
+            path = Path(mod_name)
+            if not path.is_file():
+                raise ConfigError(f"--reward {spec!r}: file {path} does not exist")
+            name = f"llmctl_reward_{hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:8]}"
+            loader = importlib.util.spec_from_file_location(name, path)
+            assert loader is not None
+            assert loader.loader is not None
+            module = importlib.util.module_from_spec(loader)
+            loader.loader.exec_module(module)
+        else:
+            module = importlib.import_module(mod_name)
+    except ConfigError:
+        raise
+    except ImportError as e:
+        raise ConfigError(
+            f"--reward {spec!r}: cannot import module {mod_name!r} ({e})",
+            "install it, run from its directory, or name the file: --reward path/to/file.py:fn",
+        ) from None
+    except Exception as e:  # noqa: BLE001 - user code failed at import: say where
+        raise ConfigError(
+            f"--reward {spec!r}: importing {mod_name} failed ({type(e).__name__}: {e})"
+        ) from None
+    fn = getattr(module, fn_name, None)
+    if fn is None:
+        found = sorted(n for n in dir(module) if callable(getattr(module, n)) and n[0] != "_")
+        raise ConfigError(
+            f"--reward {spec!r}: {mod_name} has no function {fn_name!r}",
+            f"functions there: {', '.join(found[:12]) or 'none'}",
+        )
+    if not callable(fn):
+        raise ConfigError(f"--reward {spec!r}: {fn_name} is a {type(fn).__name__}, not a function")
+    return fn
+
+
+def _rule_scores(
+    fn: RewardFn, spec: str, prompts: Sequence[Prompt], responses: Sequence[str]
+) -> torch.Tensor:
+    out = []
+    for p, text in zip(prompts, responses, strict=True):
+        user = next((m["content"] for m in reversed(p.messages) if m["role"] == "user"), "")
+        try:
+            r = float(fn(user, text, {**p.extra, "messages": p.messages}))
+        except Exception as e:  # noqa: BLE001 - the user's reward failed: name the row
+            raise LlmctlError(
+                f"--reward {spec} raised {type(e).__name__} on prompt row {p.row}: {e}",
+                "fix the function (it gets prompt: str, response: str, row: dict)",
+            ) from None
+        if not math.isfinite(r):
+            raise LlmctlError(f"--reward {spec} returned {r} on prompt row {p.row}")
+        out.append(r)
+    return torch.tensor(out, dtype=torch.float32)
+
+
+# -- models ---------------------------------------------------------------------------------------
+
+
+class Critic(nn.Module):
+    """Value function: a decoder backbone plus a scalar head at every position."""
+
+    def __init__(self, body: Transformer) -> None:
+        super().__init__()
+        self.body = body
+        self.head = ScalarHead(body.cfg.d_model).to(body.embed.weight.device)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """(B, T) ids -> (B, T) fp32 values."""
+        return self.head(self.body(ids, hidden=True))
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The critic as stored (a tied LM head once, as in model checkpoints)."""
+        sd = {f"body.{k}": v.cpu() for k, v in model_state(self.body).items()}
+        return sd | {f"head.{k}": v for k, v in self.head.tensors().items()}
+
+    def load_tensors(self, t: dict[str, torch.Tensor]) -> None:
+        """Inverse of `tensors`."""
+        body = {k[5:]: v for k, v in t.items() if k.startswith("body.")}
+        if self.body.cfg.tie_embeddings:
+            body["lm_head.weight"] = body["embed.weight"]
+        self.body.load_state_dict(body)
+        self.head.proj.load_state_dict({"weight": t["head.weight"], "bias": t["head.bias"]})
+
+
+@dataclass
+class _Models:
+    policy: Transformer
+    ref: Transformer
+    critic: Critic
+    tokenizer: Tokenizer
+    score: Callable[[Sequence[Prompt], list[list[int]], list[list[int]]], torch.Tensor]
+    inputs: list[dict]
+
+
+def _load_models(cfg: PPOConfig, rt: Runtime) -> _Models:
+    ck = load_checkpoint(Path(cfg.init), device=rt.device)
+    policy, tok = ck.model.train(), ck.tokenizer
+    ref = copy.deepcopy(policy).eval().requires_grad_(False)
+    critic = Critic(copy.deepcopy(policy)).train()
+    inputs = [input_record(cfg.init, "checkpoint")]
+    if cfg.reward_model:
+        from llmctl.core.heads import load_reward_model
+
+        rm, _ = load_reward_model(Path(cfg.reward_model), device=rt.device, tokenizer=tok)
+        rm.requires_grad_(False)
+        inputs.append(input_record(cfg.reward_model, "checkpoint"))
+
+        @torch.no_grad()
+        def score(_p: Sequence[Prompt], p_ids: list[list[int]], r_ids: list[list[int]]):
+            ids, lengths = pad_right([p + r for p, r in zip(p_ids, r_ids, strict=True)], tok.pad_id)
+            with rt.autocast():
+                return rm(ids.to(rt.device), lengths.to(rt.device)).float().cpu()
+
+    else:
+        fn = load_reward_fn(cfg.reward or "")
+        file = cfg.reward.rpartition(":")[0] if cfg.reward else ""
+        if file.endswith(".py"):
+            inputs.append(input_record(file, "reward"))
+
+        def score(p: Sequence[Prompt], _p_ids: list[list[int]], r_ids: list[list[int]]):
+            return _rule_scores(fn, cfg.reward or "", p, [tok.decode(r) for r in r_ids])
+
+    return _Models(policy, ref, critic, tok, score, inputs)
+
+
+# -- rollouts -------------------------------------------------------------------------------------
+
+
+def subseed(seed: int, name: str, step: int) -> int:
+    """A 63-bit seed for one named random stream at one step."""
+    h = hashlib.sha256(f"{seed}:{name}:{step}".encode()).digest()
+    return int.from_bytes(h[:8], "little") >> 1
+
+
+def pick_prompts(n: int, k: int, seed: int, step: int) -> list[int]:
+    """Prompt indices for one step: a pure function of (seed, step); without repeats while k <= n."""
+    order = list(range(n))
+    random.Random(subseed(seed, "ppo/prompts", step)).shuffle(order)
+    return [order[i % n] for i in range(k)]
+
+
+def encode_prompts(tok: Tokenizer, prompts: Sequence[Prompt], max_len: int) -> list[list[int]]:
+    """Render with the generation prompt; keep BOS plus the last `max_len - 1` tokens."""
+    out = []
+    for p in prompts:
+        ids, _ = tok.render_chat(p.messages, add_generation_prompt=True)
+        if len(ids) > max_len:
+            ids = [ids[0], *ids[len(ids) - max_len + 1 :]]
+        out.append(ids)
+    return out
+
+
+@dataclass
+class Rollout:
+    """A batch of sampled responses, scored. Per-token tensors are (B, R) (see core/ppo.py)."""
+
+    ids: torch.Tensor  # (B, L) prompt + response, right-padded
+    idx: torch.Tensor  # (B, R) position in ids[:, :-1] whose output predicts response token j
+    tokens: torch.Tensor  # (B, R) response tokens (IGNORE on padding)
+    mask: torch.Tensor  # (B, R) real response tokens
+    score: torch.Tensor  # (B,)
+    logp: torch.Tensor
+    ref_logp: torch.Tensor
+    values: torch.Tensor
+    entropy: torch.Tensor
+    advantages: torch.Tensor | None = None
+    returns: torch.Tensor | None = None
+
+
+def layout(
+    p_ids: Sequence[Sequence[int]], r_ids: Sequence[Sequence[int]], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids (B, L), idx (B, R), tokens (B, R), mask (B, R)) for prompt + response rows."""
+    ids, _ = pad_right([list(p) + list(r) for p, r in zip(p_ids, r_ids, strict=True)], pad_id)
+    B, R = len(r_ids), max(len(r) for r in r_ids)
+    idx = torch.zeros(B, R, dtype=torch.long)
+    tokens = torch.full((B, R), IGNORE, dtype=torch.long)
+    for b, (p, r) in enumerate(zip(p_ids, r_ids, strict=True)):
+        idx[b, : len(r)] = torch.arange(len(p) - 1, len(p) - 1 + len(r))
+        tokens[b, : len(r)] = torch.tensor(list(r), dtype=torch.long)
+    return ids, idx, tokens, tokens != IGNORE
+
+
+def _at(h: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Rows of (B, T, d) at (B, R) positions -> (B, R, d)."""
+    return h.gather(1, idx[..., None].expand(-1, -1, h.shape[-1]))
+
+
+def response_logprobs(
+    model: Transformer, ids: torch.Tensor, idx: torch.Tensor, tokens: torch.Tensor
+) -> torch.Tensor:
+    """log pi(response token) at each response position, (B, R) fp32 (0 on padding)."""
+    h = _at(model(ids[:, :-1], hidden=True), idx)  # (B, R, d): only the response positions
+    return token_logprobs(h, model.lm_head.weight, tokens)
+
+
+@torch.no_grad()
+def _logprobs_entropy(
+    model: Transformer, ids: torch.Tensor, idx: torch.Tensor, tokens: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = model.lm_head(_at(model(ids[:, :-1], hidden=True), idx)).float()  # (B, R, V)
+    logp_all = logits.log_softmax(-1)
+    logp = logp_all.gather(-1, tokens.clamp(min=0)[..., None]).squeeze(-1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    mask = tokens != IGNORE
+    return logp * mask, entropy * mask
+
+
+@torch.no_grad()
+def score_rollout(
+    models: _Models,
+    prompts: Sequence[Prompt],
+    p_ids: list[list[int]],
+    r_ids: list[list[int]],
+    rt: Runtime,
+    chunk: int,
+) -> Rollout:
+    """Reward, log-probs (policy, reference), values and entropy of sampled responses."""
+    score = models.score(prompts, p_ids, r_ids)
+    ids, idx, tokens, mask = (
+        t.to(rt.device) for t in layout(p_ids, r_ids, models.tokenizer.pad_id)
+    )
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("logp", "ref", "values", "ent")}
+    models.policy.eval()
+    models.critic.eval()
+    for s in range(0, len(r_ids), chunk):
+        x, i, t = ids[s : s + chunk], idx[s : s + chunk], tokens[s : s + chunk]
+        with rt.autocast():
+            lp, ent = _logprobs_entropy(models.policy, x, i, t)
+            parts["logp"].append(lp)
+            parts["ent"].append(ent)
+            parts["ref"].append(response_logprobs(models.ref, x, i, t))
+            parts["values"].append(models.critic(x[:, :-1]).gather(1, i).float())
+    cat = {k: torch.cat(v) for k, v in parts.items()}
+    return Rollout(
+        ids,
+        idx,
+        tokens,
+        mask,
+        score.to(rt.device),
+        cat["logp"],
+        cat["ref"],
+        cat["values"] * mask,
+        cat["ent"],
+    )
+
+
+# -- update ---------------------------------------------------------------------------------------
+
+
+def ppo_update(
+    models: _Models,
+    roll: Rollout,
+    opt: torch.optim.Optimizer,
+    cfg: PPOConfig,
+    rt: Runtime,
+    step: int,
+) -> dict[str, float]:
+    """`ppo_epochs` passes of clipped-surrogate + value-loss minibatch steps; mean stats."""
+    assert roll.advantages is not None
+    assert roll.returns is not None
+    models.policy.train()
+    models.critic.train()
+    params = [p for g in opt.param_groups for p in g["params"]]
+    clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+    acc: dict[str, list[float]] = {}
+    B = roll.ids.shape[0]
+    for epoch in range(cfg.ppo_epochs):
+        order = list(range(B))
+        random.Random(subseed(cfg.seed, f"ppo/minibatch/{epoch}", step)).shuffle(order)
+        for s in range(0, B, cfg.minibatch):
+            mb = torch.tensor(order[s : s + cfg.minibatch], device=roll.ids.device)
+            ids, idx, tok, mask = roll.ids[mb], roll.idx[mb], roll.tokens[mb], roll.mask[mb]
+            with rt.autocast():
+                logp = response_logprobs(models.policy, ids, idx, tok)
+                values = models.critic(ids[:, :-1]).gather(1, idx).float()
+            pg, pst = policy_loss(logp, roll.logp[mb], roll.advantages[mb], mask, cfg.clip)
+            vf, vst = value_loss(values, roll.values[mb], roll.returns[mb], mask, cfg.vf_clip)
+            loss = pg + cfg.vf_coef * vf
+            loss.backward()
+            norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+            if not (math.isfinite(float(loss.detach())) and math.isfinite(norm)):
+                raise TrainingError(
+                    f"PPO loss became {float(loss.detach())} (grad norm {norm}) at step {step + 1}",
+                    "lower --lr or --clip, raise --kl-coef, then --resume from the last checkpoint",
+                )
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            for k, v in {
+                "pg_loss": pg,
+                "vf_loss": vf,
+                "grad_norm": norm,
+                **pst,
+                **vst,
+            }.items():
+                acc.setdefault(k, []).append(float(v))
+    return {k: sum(v) / len(v) for k, v in acc.items()}
+
+
+def ppo_step(
+    models: _Models,
+    prompts: list[Prompt],
+    enc: list[list[int]],
+    opt: torch.optim.Optimizer,
+    kl: KLController,
+    cfg: PPOConfig,
+    rt: Runtime,
+    step: int,
+) -> dict[str, Any]:
+    """One rollout -> score -> update cycle; returns the step's metrics record."""
+    tok = models.tokenizer
+    rows = pick_prompts(len(prompts), cfg.batch_prompts, cfg.seed, step)
+    batch, p_ids = [prompts[i] for i in rows], [enc[i] for i in rows]
+    t0 = time.perf_counter()
+    gen = torch.Generator(rt.device).manual_seed(subseed(cfg.seed, "ppo/rollout", step))
+    sampling = SamplingConfig(
+        max_new_tokens=cfg.max_new_tokens, temperature=1.0, top_k=0, top_p=1.0
+    )
+    models.policy.eval()
+    with rt.autocast():
+        r_ids = generate(
+            models.policy,
+            p_ids,
+            sampling,
+            stop_ids=(tok.end_id, tok.eos_id),
+            generator=gen,
+            pad_id=tok.pad_id,
+        )
+    rt.synchronize()
+    t1 = time.perf_counter()
+    roll = score_rollout(models, batch, p_ids, r_ids, rt, cfg.minibatch)
+    beta = kl.value
+    rewards, kl_tok = token_rewards(roll.score, roll.logp, roll.ref_logp, roll.mask, beta)
+    adv, roll.returns = gae(rewards, roll.values, roll.mask, cfg.gamma, cfg.lam)
+    roll.advantages = whiten(adv, roll.mask)
+    rt.synchronize()
+    t2 = time.perf_counter()
+    stats = ppo_update(models, roll, opt, cfg, rt, step)
+    rt.synchronize()
+    t3 = time.perf_counter()
+    seq_kl = float(kl_tok.sum(1).mean())
+    kl.update(seq_kl, len(r_ids))
+    lens = roll.mask.sum(1).float()
+    stopped = [bool(r) and r[-1] in (tok.end_id, tok.eos_id) for r in r_ids]
+    return {
+        "step": step + 1,
+        "score": round(float(roll.score.mean()), 5),
+        "score_std": round(float(roll.score.std()), 5),
+        "reward": round(float(rewards.sum(1).mean()), 5),
+        "kl": round(seq_kl, 5),
+        "kl_coef": round(beta, 6),
+        "entropy": round(float(masked_mean(roll.entropy, roll.mask)), 5),
+        "response_len": round(float(lens.mean()), 2),
+        "stopped": round(sum(stopped) / len(stopped), 3),
+        "value_mean": round(float(masked_mean(roll.values, roll.mask)), 5),
+        "explained_var": round(explained_variance(roll.values, roll.returns, roll.mask), 4),
+        **{k: round(v, 5) for k, v in stats.items()},
+        "time_gen": round(t1 - t0, 3),
+        "time_score": round(t2 - t1, 3),
+        "time_opt": round(t3 - t2, 3),
+    }
+
+
+# -- run ------------------------------------------------------------------------------------------
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """Newest complete `checkpoints/step-N` in a run directory."""
+    ckpts = sorted(
+        (run_dir / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1])
+    )
+    ckpts = [c for c in ckpts if is_artifact(c)]
+    return ckpts[-1] if ckpts else None
+
+
+def _trainer_state(cfg: PPOConfig, step: int, kl: KLController) -> dict[str, Any]:
+    return {"step": step, "kl_coef": kl.value, "config": to_dict(cfg)}
+
+
+def _resume(
+    run_dir: Path, cfg: PPOConfig, models: _Models, opt: torch.optim.Optimizer, rt: Runtime
+) -> tuple[int, float]:
+    ckpt = latest_checkpoint(run_dir) if run_dir.is_dir() else None
+    if ckpt is None:
+        raise InputError(
+            f"nothing to resume: no checkpoint in {run_dir / 'checkpoints'}", "run without --resume"
+        )
+    loaded = load_checkpoint(ckpt, device=rt.device, tokenizer=models.tokenizer)
+    if loaded.model.cfg != models.policy.cfg:
+        raise ConfigError(f"{ckpt} has a different model shape than --init", "resume with --init")
+    state = load_trainer_state(ckpt, opt)
+    saved = state.get("config", {})
+    names = {f.name for f in fields(PPOConfig)}
+    diff = [k for k in TRAJECTORY if k in names and k in saved and to_dict(cfg)[k] != saved[k]]
+    if diff:
+        raise ConfigError(
+            f"--resume with different settings than the run being resumed: {', '.join(diff)}",
+            f"pass the original flags (they are in {ckpt / 'trainer_state.json'})",
+        )
+    models.policy.load_state_dict(loaded.model.state_dict())
+    try:
+        models.critic.load_tensors(load_file(str(ckpt / CRITIC_FILE), device=str(rt.device)))
+    except (SafetensorError, OSError, KeyError, RuntimeError) as e:
+        raise InputError(
+            f"{ckpt / CRITIC_FILE} is missing or corrupt ({type(e).__name__})",
+            "resume from an earlier checkpoint or start again without --resume",
+        ) from None
+    return int(state["step"]), float(state["kl_coef"])
+
+
+def run(
+    dst: Path,
+    cfg: PPOConfig,
+    *,
+    force: bool = False,
+    resume: bool = False,
+    progress: Progress = SILENT,
+    runtime: Runtime | None = None,
+) -> Manifest:
+    """Optimise the `--init` policy against the reward with PPO; write it to `dst`.
+
+    Raises:
+        InputError: Bad prompts or checkpoints (a reward model with another tokenizer, say);
+        ConfigError: bad settings or an unusable `--reward`; TrainingError: the loss became
+        non-finite (the last checkpoint stays in `<dst>.partial`).
+    """
+    dst = Path(dst)
+    rt = runtime or Runtime.detect(cfg.device, cfg.precision)
+    torch.manual_seed(cfg.seed)
+    models = _load_models(cfg, rt)  # every input is checked before anything is written
+    prompts, src = load_prompts(cfg.prompts)
+    ctx = models.policy.cfg.max_seq_len
+    if ctx - cfg.max_new_tokens < 2:
+        raise ConfigError(
+            f"--max-new-tokens {cfg.max_new_tokens} leaves no room for a prompt in the "
+            f"{ctx}-token context of {cfg.init}",
+            f"use --max-new-tokens {ctx // 2}",
+        )
+    enc = encode_prompts(models.tokenizer, prompts, ctx - cfg.max_new_tokens)
+    inputs = [input_record(cfg.prompts, "prompts"), *models.inputs]
+    opt = make_adamw(
+        nn.ModuleList([models.policy, models.critic]), cfg.lr, cfg.weight_decay, (0.9, 0.95)
+    )
+    kl = KLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)
+    run_dir = partial_path(dst)
+    start = 0
+    if resume:
+        start, kl.value = _resume(run_dir, cfg, models, opt, rt)
+    with commit_output(
+        dst,
+        kind="checkpoint",
+        stage="ppo",
+        config=to_dict(cfg),
+        inputs=inputs,
+        force=force,
+        keep_partial_on_error=True,
+        fresh=not resume,
+    ) as out:
+        (out.path / "checkpoints").mkdir(exist_ok=True)
+        metrics = out.path / "metrics.jsonl"
+        if resume:
+            truncate_metrics(metrics, start)
+
+        def write_state(d: Path) -> None:
+            save_file(models.critic.tensors(), str(d / CRITIC_FILE))
+
+        def save(done: int) -> None:
+            m = Manifest(
+                kind="checkpoint",
+                stage="ppo",
+                config=to_dict(cfg),
+                inputs=inputs,
+                counts={"steps": done, "responses": done * cfg.batch_prompts},
+            )
+            save_checkpoint(
+                out.path / "checkpoints" / f"step-{done:07d}",
+                models.policy,
+                models.tokenizer,
+                optimizer=opt,
+                manifest=m,
+                trainer_state=_trainer_state(cfg, done, kl),
+                extra_files=write_state,
+            )
+            for old in sorted((out.path / "checkpoints").glob("step-*"))[: -cfg.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+
+        t0 = time.perf_counter()
+        last = _loop(models, prompts, enc, opt, kl, cfg, rt, start, save, metrics, progress)
+        write_checkpoint_files(
+            out.path,
+            models.policy,
+            models.tokenizer,
+            optimizer=opt,
+            trainer_state=_trainer_state(cfg, cfg.steps, kl),
+        )
+        write_state(out.path)
+        out.manifest.tokenizer = {
+            "fingerprint": models.tokenizer.fingerprint,
+            "vocab_size": models.tokenizer.vocab_size,
+        }
+        out.manifest.counts = {
+            "steps": cfg.steps,
+            "responses": cfg.steps * cfg.batch_prompts,
+            "prompts": len(prompts),
+        }
+        out.manifest.stats = _stats(read_metrics(metrics), last, time.perf_counter() - t0, rt)
+        out.manifest.stats["resumed_from_step"] = start if resume else None
+        out.manifest.stats["reward_source"] = cfg.reward_model or cfg.reward
+        out.manifest.stats["prompts_source"] = str(src.path)
+    return out.manifest
+
+
+def _loop(
+    models: _Models,
+    prompts: list[Prompt],
+    enc: list[list[int]],
+    opt: torch.optim.Optimizer,
+    kl: KLController,
+    cfg: PPOConfig,
+    rt: Runtime,
+    start: int,
+    save: Callable[[int], None],
+    metrics: Path,
+    progress: Progress,
+) -> dict[str, Any]:
+    completed = saved_at = start
+    rec: dict[str, Any] = {}
+    t_start = time.perf_counter()
+    progress.start("ppo", cfg.steps - start, "steps")
+    try:
+        with open(metrics, "a", encoding="utf-8") as log:
+            for step in range(start, cfg.steps):
+                rec = ppo_step(models, prompts, enc, opt, kl, cfg, rt, step)
+                rec["time"] = round(time.perf_counter() - t_start, 3)
+                completed = step + 1
+                log.write(json_line(rec))
+                log.flush()
+                progress.advance(
+                    1,
+                    score=rec["score"],
+                    kl=rec["kl"],
+                    beta=rec["kl_coef"],
+                    len=rec["response_len"],
+                )
+                if (cfg.save_every and completed % cfg.save_every == 0) or completed == cfg.steps:
+                    save(completed)
+                    saved_at = completed
+    except KeyboardInterrupt:
+        if completed > saved_at:
+            save(completed)
+        raise
+    finally:
+        progress.stop()
+    return rec
+
+
+def json_line(rec: dict[str, Any]) -> str:
+    """One metrics.jsonl line (NaN written as null, which JSON has)."""
+    clean = {
+        k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in rec.items()
+    }
+    return json.dumps(clean) + "\n"
+
+
+def _stats(
+    records: list[dict[str, Any]], last: dict[str, Any], seconds: float, rt: Runtime
+) -> dict[str, Any]:
+    """Manifest stats: first/last score and KL, where the time went."""
+    recs = [r for r in records if "score" in r]
+    head, tail = recs[: max(1, len(recs) // 5)], recs[-max(1, len(recs) // 5) :]
+
+    def mean(rs: list[dict[str, Any]], k: str) -> float | None:
+        vals = [r[k] for r in rs if r.get(k) is not None]
+        return round(sum(vals) / len(vals), 5) if vals else None
+
+    split = {
+        k: round(sum(r.get(k, 0.0) for r in recs), 2)
+        for k in ("time_gen", "time_score", "time_opt")
+    }
+    return {
+        "score_first": mean(head, "score"),
+        "score_last": mean(tail, "score"),
+        "kl_last": last.get("kl"),
+        "kl_coef_last": last.get("kl_coef"),
+        "entropy_last": last.get("entropy"),
+        "response_len_last": last.get("response_len"),
+        "clipfrac_last": last.get("clipfrac"),
+        "seconds_generation": split["time_gen"],
+        "seconds_scoring": split["time_score"],
+        "seconds_optimisation": split["time_opt"],
+        "train_seconds": round(seconds, 2),
+        "runtime": rt.describe(),
+    }
