@@ -1239,6 +1239,73 @@ def rm_score(
 
 
 @app.command(
+    epilog="Example: llmctl dpo data/prefs.jsonl --init runs/sft -o runs/dpo --beta 0.1 --epochs 1"
+)
+@handle_errors
+def dpo(
+    data: PrefsArg,
+    output: OutOpt = Path("runs/dpo"),
+    init: PairInitOpt = None,
+    ref: Annotated[
+        str | None, typer.Option(help="Frozen reference checkpoint (default: --init).")
+    ] = None,
+    beta: Annotated[
+        float | None, typer.Option(help="KL strength toward the reference (default 0.1).")
+    ] = None,
+    val_fraction: PairValOpt = None,
+    epochs: PairEpochsOpt = None,
+    max_steps: PairStepsOpt = None,
+    batch_size: PairBatchOpt = None,
+    micro_batch: PairMicroOpt = None,
+    max_len: PairMaxLenOpt = None,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate (default 1e-5).")] = None,
+    min_lr: PairMinLrOpt = None,
+    warmup_steps: PairWarmupOpt = None,
+    eval_every: PairEvalOpt = None,
+    save_every: PairSaveOpt = None,
+    device: DeviceOpt = None,
+    precision: PrecisionOpt = None,
+    resume: ResumeOpt = False,
+    config: ConfigOpt = None,
+    force: ForceOpt = False,
+) -> None:
+    """Direct Preference Optimisation: align a policy on preference pairs, no reward model.
+
+    Loss -log sigmoid(beta * ((log pi - log ref)(chosen) - (log pi - log ref)(rejected))), with
+    sequence log-probs summed over the answer tokens; the reference's are computed once up front.
+    Reports implicit-reward accuracy and margin on held-out pairs. The output is a plain checkpoint
+    (`llmctl generate OUT "question" --chat`).
+    """
+    from llmctl.stages import dpo as stage
+
+    cfg = make_config(
+        stage.DPOConfig,
+        config,
+        "dpo",
+        data=data,
+        init=init,
+        ref=ref,
+        beta=beta,
+        val_fraction=val_fraction,
+        epochs=epochs,
+        max_steps=max_steps,
+        batch_size=batch_size,
+        micro_batch=micro_batch,
+        max_len=max_len,
+        lr=lr,
+        min_lr=min_lr,
+        warmup_steps=warmup_steps,
+        eval_every=eval_every,
+        save_every=save_every,
+        device=device,
+        precision=precision,
+    )
+    show_config(cfg)
+    m = stage.run(output, cfg, force=force, resume=resume, progress=progress())
+    _pair_summary(f"dpo -> {output}", m)
+
+
+@app.command(
     epilog="Example: llmctl ppo data/prompts.jsonl --init runs/sft --reward-model runs/rm "
     "-o runs/ppo --steps 200 --kl-coef 0.05\n\n"
     "Rule reward: llmctl ppo data/prompts.jsonl --init runs/sft --reward rewards.py:exact_match "

@@ -1,0 +1,142 @@
+"""dpo: checkpoint + preference pairs -> aligned checkpoint, by Direct Preference Optimisation.
+
+DPO (Rafailov et al., 2023) trains the policy directly on pairs, without a reward model or
+sampling: with the implicit reward r(x, y) = beta * (log pi(y|x) - log pi_ref(y|x)) the loss is the
+Bradley-Terry one, -log sigmoid(r(x, y_chosen) - r(x, y_rejected)). log pi(y|x) is the sum of the
+answer's token log-probabilities (assistant content and its <|end|>, the PairExample masks), read
+from the final hidden states through core/losses.token_logprobs (chunked, no full logits).
+
+The reference pi_ref is the `--init` checkpoint (or `--ref`). Its log-probabilities never change, so
+they are computed once for every pair before training, in eval mode and without gradients, and the
+reference model is freed: training holds one model, and the reference cannot drift. Reported
+(train, and held-out before and during training): implicit-reward accuracy, mean margin, mean
+chosen and rejected rewards. At step 0 the policy equals the reference, so every margin is 0 and
+the loss is log 2. The loop, schedule, checkpoints, resume and metrics are shared with rm
+(core/pairs.py). Output: a plain LM checkpoint (`generate`, `eval`, `ppo --init`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from llmctl.core.artifacts import Manifest, check_output, input_record
+from llmctl.core.checkpoint import load_checkpoint, save_checkpoint, write_checkpoint_files
+from llmctl.core.config import require
+from llmctl.core.errors import InputError
+from llmctl.core.losses import token_logprobs
+from llmctl.core.model import Transformer
+from llmctl.core.pairs import (
+    PairBatch,
+    PairData,
+    PairStage,
+    PairTrainConfig,
+    chunks,
+    load_pair_data,
+    train_pairs,
+)
+from llmctl.core.progress import SILENT, Progress
+from llmctl.core.runtime import Runtime
+
+
+@dataclass(frozen=True, kw_only=True)
+class DPOConfig(PairTrainConfig):
+    """Settings of `llmctl dpo` (plus the shared pair-training knobs of core/pairs.PairTrainConfig)."""
+
+    ref: str | None = None  # reference checkpoint (default: --init)
+    beta: float = 0.1  # strength of the implicit KL leash to the reference
+    lr: float = 1e-5  # peak learning rate (DPO wants a low one)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self.beta > 0, f"--beta must be > 0, got {self.beta}")
+
+
+def run(
+    dst: Path,
+    cfg: DPOConfig,
+    *,
+    force: bool = False,
+    resume: bool = False,
+    progress: Progress = SILENT,
+    runtime: Runtime | None = None,
+) -> Manifest:
+    """Train a policy with DPO on preference pairs; write the checkpoint to `dst`.
+
+    Raises:
+        InputError: Bad pairs or checkpoints, or a reference with another tokenizer (nothing is
+            written). ConfigError: inconsistent settings. TrainingError: non-finite loss.
+    """
+    dst = Path(dst)
+    if not resume:
+        check_output(dst, force)
+    rt = runtime or Runtime.detect(cfg.device, cfg.precision)
+    ck = load_checkpoint(Path(cfg.init), device=rt.device)
+    policy, tok = ck.model, ck.tokenizer
+    data = load_pair_data(cfg, tok, policy.cfg.max_seq_len)
+    ref_path = Path(cfg.ref or cfg.init)
+    ref = load_checkpoint(ref_path, device=rt.device) if cfg.ref else None
+    if ref is not None and ref.tokenizer.fingerprint != tok.fingerprint:
+        raise InputError(
+            f"reference {ref_path} uses tokenizer {ref.tokenizer.fingerprint}, {cfg.init} uses {tok.fingerprint}",
+            "use a reference trained with the policy's tokenizer (its SFT checkpoint)",
+        )
+    progress.log("reference log-probs: one pass over the pairs")
+    _add_reference(data, ref.model if ref is not None else policy, tok.pad_id, cfg.micro_batch, rt)
+    del ref
+
+    def rewards(model: torch.nn.Module, b: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        assert b.ref is not None
+        r = cfg.beta * (sequence_logprobs(model, b) - b.ref)
+        return r[: b.n_pairs], r[b.n_pairs :]
+
+    def load_weights(path: Path) -> None:
+        policy.load_state_dict(
+            load_checkpoint(path, device=rt.device, tokenizer=tok).model.state_dict()
+        )
+
+    inputs = [input_record(cfg.init, "checkpoint")]
+    if cfg.ref:
+        inputs.append(input_record(cfg.ref, "checkpoint"))
+    stage = PairStage(
+        name="dpo",
+        model=policy,
+        tokenizer=tok,
+        rewards=rewards,
+        save=lambda p, m, opt, st: save_checkpoint(
+            p, policy, tok, optimizer=opt, trainer_state=st, manifest=m
+        ),
+        write_files=lambda d, opt, st: write_checkpoint_files(
+            d, policy, tok, optimizer=opt, trainer_state=st
+        ),
+        load_weights=load_weights,
+        inputs=inputs,
+    )
+    return train_pairs(dst, cfg, data, stage, rt, force=force, resume=resume, progress=progress)
+
+
+def sequence_logprobs(model: torch.nn.Module, b: PairBatch) -> torch.Tensor:
+    """Sum of the answer tokens' log-probabilities per row, (2B,) fp32."""
+    assert isinstance(model, Transformer)
+    hidden = model(b.ids, hidden=True)  # (2B, T, d_model)
+    return token_logprobs(hidden, model.lm_head.weight, b.targets).sum(-1)
+
+
+@torch.no_grad()
+def _add_reference(data: PairData, ref: Transformer, pad_id: int, size: int, rt: Runtime) -> None:
+    """Fill data.train_ref / data.val_ref: (n, 2) reference log-probs of (chosen, rejected)."""
+    was = ref.training
+    ref.eval()
+
+    def of(pairs: list) -> torch.Tensor:
+        out = []
+        with rt.autocast():
+            for b in chunks(pairs, size, pad_id):
+                lp = sequence_logprobs(ref, b.to(rt.device)).float().cpu()
+                out.append(torch.stack([lp[: b.n_pairs], lp[b.n_pairs :]], dim=1))
+        return torch.cat(out) if out else torch.zeros(0, 2)
+
+    data.train_ref, data.val_ref = of(data.train), of(data.val)
+    ref.train(was)
