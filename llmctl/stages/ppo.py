@@ -64,7 +64,6 @@ from llmctl.core.checkpoint import (
 from llmctl.core.config import require, to_dict
 from llmctl.core.errors import ConfigError, InputError, LlmctlError, TrainingError
 from llmctl.core.heads import ScalarHead, pad_right
-from llmctl.core.losses import token_logprobs
 from llmctl.core.model import Transformer
 from llmctl.core.optim import make_adamw
 from llmctl.core.ppo import (
@@ -390,20 +389,15 @@ def _at(h: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 def response_logprobs(
     model: Transformer, ids: torch.Tensor, idx: torch.Tensor, tokens: torch.Tensor
-) -> torch.Tensor:
-    """log pi(response token) at each response position, (B, R) fp32 (0 on padding)."""
-    h = _at(model(ids[:, :-1], hidden=True), idx)  # (B, R, d): only the response positions
-    return token_logprobs(h, model.lm_head.weight, tokens)
-
-
-@torch.no_grad()
-def _logprobs_entropy(
-    model: Transformer, ids: torch.Tensor, idx: torch.Tensor, tokens: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    logits = model.lm_head(_at(model(ids[:, :-1], hidden=True), idx)).float()  # (B, R, V)
-    logp_all = logits.log_softmax(-1)
+    """log pi(response token) and the policy's entropy at each response position, (B, R) fp32
+    each, 0 on padding. The LM head runs on the response positions only, so the one
+    vocabulary-sized tensor is (B, R, V), not (B, L, V)."""
+    h = _at(model(ids[:, :-1], hidden=True), idx)  # (B, R, d)
+    logp_all = model.lm_head(h).float().log_softmax(-1)  # (B, R, V)
     logp = logp_all.gather(-1, tokens.clamp(min=0)[..., None]).squeeze(-1)
-    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    with torch.no_grad():
+        entropy = -(logp_all.exp() * logp_all).sum(-1)
     mask = tokens != IGNORE
     return logp * mask, entropy * mask
 
@@ -428,10 +422,10 @@ def score_rollout(
     for s in range(0, len(r_ids), chunk):
         x, i, t = ids[s : s + chunk], idx[s : s + chunk], tokens[s : s + chunk]
         with rt.autocast():
-            lp, ent = _logprobs_entropy(models.policy, x, i, t)
+            lp, ent = response_logprobs(models.policy, x, i, t)
             parts["logp"].append(lp)
             parts["ent"].append(ent)
-            parts["ref"].append(response_logprobs(models.ref, x, i, t))
+            parts["ref"].append(response_logprobs(models.ref, x, i, t)[0])
             parts["values"].append(models.critic(x[:, :-1]).gather(1, i).float())
     cat = {k: torch.cat(v) for k, v in parts.items()}
     return Rollout(
@@ -474,7 +468,7 @@ def ppo_update(
             mb = torch.tensor(order[s : s + cfg.minibatch], device=roll.ids.device)
             ids, idx, tok, mask = roll.ids[mb], roll.idx[mb], roll.tokens[mb], roll.mask[mb]
             with rt.autocast():
-                logp = response_logprobs(models.policy, ids, idx, tok)
+                logp, _ = response_logprobs(models.policy, ids, idx, tok)
                 values = models.critic(ids[:, :-1]).gather(1, idx).float()
             pg, pst = policy_loss(logp, roll.logp[mb], roll.advantages[mb], mask, cfg.clip)
             vf, vst = value_loss(values, roll.values[mb], roll.returns[mb], mask, cfg.vf_clip)
@@ -495,7 +489,7 @@ def ppo_update(
                 **pst,
                 **vst,
             }.items():
-                acc.setdefault(k, []).append(float(v))
+                acc.setdefault(k, []).append(float(v.detach()) if torch.is_tensor(v) else v)
     return {k: sum(v) / len(v) for k, v in acc.items()}
 
 

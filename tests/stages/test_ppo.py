@@ -221,8 +221,7 @@ def test_prompt_choice_is_a_function_of_seed_and_step() -> None:
     assert sorted(ppo.pick_prompts(3, 6, seed=1, step=0)) == [0, 0, 1, 1, 2, 2]
 
 
-def test_rollout_logprobs_match_the_training_path(toy: dict[str, Path]) -> None:
-    """The first PPO ratio must be exactly 1: rollout and update compute log-probs alike."""
+def test_response_logprobs_line_up_with_the_full_forward(toy: dict[str, Path]) -> None:
     ck = load_checkpoint(toy["init"])
     tok = ck.tokenizer
     p = [tok.render_chat([{"role": "user", "content": t}], add_generation_prompt=True)[0]
@@ -231,12 +230,13 @@ def test_rollout_logprobs_match_the_training_path(toy: dict[str, Path]) -> None:
     ids, idx, tokens, mask = ppo.layout(p, r, tok.pad_id)
     assert mask.tolist() == [[True, True, True], [True, False, False]]
     assert ids[0, idx[0, 2] + 1] == tok.end_id
-    train = ppo.response_logprobs(ck.model, ids, idx, tokens)
-    roll, ent = ppo._logprobs_entropy(ck.model, ids, idx, tokens)
-    torch.testing.assert_close(train, roll, atol=1e-5, rtol=0)
-    full = torch.log_softmax(ck.model(ids[:1, : len(p[0]) + 2]).float(), -1)[0]
-    assert float(train[0, 1]) == pytest.approx(float(full[len(p[0]), 6]), abs=1e-5)
+    logp, ent = ppo.response_logprobs(ck.model, ids, idx, tokens)
+    for b in range(2):  # each row as if alone, unpadded
+        full = torch.log_softmax(ck.model(torch.tensor([p[b] + r[b]])).float(), -1)[0]
+        for j, t in enumerate(r[b]):
+            assert float(logp[b, j]) == pytest.approx(float(full[len(p[b]) - 1 + j, t]), abs=1e-5)
     assert (ent[mask] > 0).all()
+    assert (logp[~mask] == 0).all()
 
 
 runner = CliRunner()
