@@ -23,9 +23,10 @@ from llmctl.stages import dpo
 runner = CliRunner()
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="module")
 def _one_thread() -> Iterator[None]:
     # Tiny matmuls gain nothing from threads, and on a busy 2-core machine threads spin-wait.
+    # Module scope (autouse runs first), so the module's training fixture runs on one thread too.
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
