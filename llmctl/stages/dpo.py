@@ -4,7 +4,8 @@ DPO (Rafailov et al., 2023) trains the policy directly on pairs, without a rewar
 sampling: with the implicit reward r(x, y) = beta * (log pi(y|x) - log pi_ref(y|x)) the loss is the
 Bradley-Terry one, -log sigmoid(r(x, y_chosen) - r(x, y_rejected)). log pi(y|x) is the sum of the
 answer's token log-probabilities (assistant content and its <|end|>, the PairExample masks), read
-from the final hidden states through core/losses.token_logprobs (chunked, no full logits).
+from the final hidden states through core/losses.token_logprobs (chunked, no full logits) where
+that module is present, else through log_softmax + gather.
 
 The reference pi_ref is the `--init` checkpoint (or `--ref`). Its log-probabilities never change, so
 they are computed once for every pair before training, in eval mode and without gradients, and the
@@ -23,10 +24,10 @@ from pathlib import Path
 import torch
 
 from llmctl.core.artifacts import Manifest, check_output, input_record
+from llmctl.core.chatdata import IGNORE
 from llmctl.core.checkpoint import load_checkpoint, save_checkpoint, write_checkpoint_files
 from llmctl.core.config import require
 from llmctl.core.errors import InputError
-from llmctl.core.losses import token_logprobs
 from llmctl.core.model import Transformer
 from llmctl.core.pairs import (
     PairBatch,
@@ -39,6 +40,11 @@ from llmctl.core.pairs import (
 )
 from llmctl.core.progress import SILENT, Progress
 from llmctl.core.runtime import Runtime
+
+try:  # the chunked LM head (no (rows, vocab) logits); plain log_softmax + gather without it
+    from llmctl.core.losses import token_logprobs
+except ImportError:  # pragma: no cover - depends on the checkout
+    token_logprobs = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -121,7 +127,11 @@ def sequence_logprobs(model: torch.nn.Module, b: PairBatch) -> torch.Tensor:
     """Sum of the answer tokens' log-probabilities per row, (2B,) fp32."""
     assert isinstance(model, Transformer)
     hidden = model(b.ids, hidden=True)  # (2B, T, d_model)
-    return token_logprobs(hidden, model.lm_head.weight, b.targets).sum(-1)
+    if token_logprobs is not None:
+        return token_logprobs(hidden, model.lm_head.weight, b.targets).sum(-1)
+    logp = torch.log_softmax(model.lm_head(hidden).float(), dim=-1)  # (2B, T, vocab)
+    picked = logp.gather(-1, b.targets.clamp(min=0)[..., None]).squeeze(-1)
+    return torch.where(b.targets != IGNORE, picked, 0.0).sum(-1)
 
 
 @torch.no_grad()

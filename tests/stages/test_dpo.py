@@ -123,6 +123,21 @@ def test_a_separate_reference_changes_the_start(setup: dict, tmp_path: Path) -> 
     assert m.inputs[-1]["path"] == str(other.resolve())
 
 
+def test_sequence_logprobs_without_the_fused_head(
+    setup: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ck = load_checkpoint(setup["base"])
+    prefs, _ = load_preferences(setup["data"])
+    pairs, _ = encode_preferences(ck.tokenizer, prefs[:6], 64)
+    b = next(chunks(pairs, 6, ck.tokenizer.pad_id))
+    with torch.no_grad():
+        fused = dpo.sequence_logprobs(ck.model, b)
+        monkeypatch.setattr(dpo, "token_logprobs", None)
+        plain = dpo.sequence_logprobs(ck.model, b)
+    assert torch.allclose(fused, plain, atol=1e-4)
+    assert (plain < 0).all()
+
+
 def test_bad_beta_is_a_config_error(setup: dict) -> None:
     with pytest.raises(ConfigError, match="--beta must be > 0"):
         _cfg(setup["data"], setup["base"], beta=0)
