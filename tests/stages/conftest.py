@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from llmctl.stages import corpus, tokenize
 from llmctl.stages.pretrain import PretrainConfig
@@ -27,6 +29,17 @@ TINY_MODEL = {
     "precision": "fp32",
     "device": "cpu",
 }
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread() -> Iterator[None]:
+    """Stage tests train models a few dozen wide: threads buy nothing there, and on a shared 2-core
+    machine OpenMP's spin-waiting workers make tiny ops many times slower. Module scope, so module
+    fixtures that train run single-threaded too; restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def tiny_pretrain(tokens: Path, **over: object) -> PretrainConfig:
@@ -76,5 +89,7 @@ def base_ckpt(tmp_path_factory: pytest.TempPathFactory, tokens_dir: Path) -> Pat
     from llmctl.stages import pretrain
 
     out = tmp_path_factory.mktemp("base") / "base"
-    pretrain.run(out, tiny_pretrain(tokens_dir, seq_len=64, batch_tokens=512, micro_batch=8, max_steps=20))
+    pretrain.run(
+        out, tiny_pretrain(tokens_dir, seq_len=64, batch_tokens=512, micro_batch=8, max_steps=20)
+    )
     return out
