@@ -1,8 +1,10 @@
 """Training-step throughput: llmctl's Transformer vs Hugging Face's LlamaForCausalLM (sdpa).
 
-Same shape, same weights (copied through the hf_compat mapping), same batch, same loss (cross
-entropy on fp32 logits, as `llmctl pretrain` computes it), same optimizer (torch AdamW with its
-default CPU implementation). One timed step = forward + backward + AdamW step + zero_grad. The two
+Same shape, same weights (copied through the hf_compat mapping), same batch, same loss (mean next-
+token cross entropy in fp32), same optimizer (torch AdamW with its default CPU implementation). Each
+side computes the loss its usual way: HF returns the full (B*T, vocab) logits and
+`F.cross_entropy` runs on them; ours runs what `llmctl pretrain` runs, `model(inp, targets=tgt)`,
+the fused chunked LM head + cross entropy of `llmctl.core.losses` that never builds those logits. One timed step = forward + backward + AdamW step + zero_grad. The two
 models run interleaved after a warm-up; the figure is the median step time as tokens/s.
 
 Precisions: fp32, and bf16 autocast (weights stay fp32, as `Runtime.autocast` does). On a CPU
@@ -33,9 +35,11 @@ def make_step(model, opt, inp, tgt, *, hf: bool, bf16: bool):
     def step() -> float:
         ctx = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
         with ctx:
-            out = model(inp)
-            logits = out.logits if hf else out
-            loss = F.cross_entropy(logits.float().flatten(0, 1), tgt.flatten())
+            if hf:  # the usual way: full logits, then cross entropy on them in fp32
+                logits = model(inp).logits
+                loss = F.cross_entropy(logits.float().flatten(0, 1), tgt.flatten())
+            else:  # what `llmctl pretrain` runs: fused, chunked LM head + cross entropy
+                loss = model(inp, targets=tgt)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -8,7 +8,10 @@ head, not interleaved pairs; RMSNorm normalises in fp32), so weights map one-to-
 (`llmctl.core.hf_compat`). Two departures from the textbook layout, both for speed: q/k/v are one
 fused projection (`wqkv`) and the SwiGLU gate/up are one (`w13`). Attention is
 `F.scaled_dot_product_attention` with `enable_gqa`, so K/V heads are never materialised n_heads times
-and the fused flash kernel runs (on CUDA and on CPU).
+and the fused flash kernel runs (on CUDA and on CPU). RoPE rotates q and k in one call, writing each
+half straight into its output, with the inverse rotation as its hand-written backward. For training,
+`forward(ids, targets=...)` returns the loss through `llmctl.core.losses.linear_cross_entropy`,
+which fuses the LM head with the cross entropy so the (tokens, vocab) logits are never built.
 
 The model knows nothing of devices, ranks or files. `ModelConfig` is the one source of truth for the
 architecture; it is stored as `config.json` in every checkpoint.
@@ -25,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmctl.core.config import require
+from llmctl.core.losses import linear_cross_entropy
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -184,11 +188,45 @@ def rope_tables(
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate (B, H, T, hd) by position; cos/sin are (T, hd) or (B, 1, T, hd)."""
+    """Rotate x (..., hd) by position: out = x * cos + rotate_half(x) * sin, as HF computes it.
+
+    cos/sin (from `rope_tables`) broadcast against x: (T, hd) for (B, H, T, hd), (T, 1, hd) for
+    (B, T, H, hd). Fused: each half is written straight into the output (two ops a half, no
+    rotated copy), and the backward is the inverse rotation, so autograd saves only cos/sin.
+    Computed in fp32 and cast back for lower-precision x.
+    """
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _Rope.apply(x, cos, sin)
+    return _rotate(x, cos, sin, 1.0)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) -> torch.Tensor:
+    """x * cos + sign * rotate_half(x) * sin; the two halves of cos/sin are equal."""
+    if x.dtype != cos.dtype:
+        return _rotate(x.to(cos.dtype), cos, sin, sign).to(x.dtype)
     half = x.shape[-1] // 2
+    c, s = cos[..., :half], sin[..., :half]
     x1, x2 = x[..., :half], x[..., half:]
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return (x * cos + rotated * sin).to(x.dtype)
+    out = torch.empty(torch.broadcast_shapes(x.shape, cos.shape), dtype=x.dtype, device=x.device)
+    o1, o2 = out[..., :half], out[..., half:]
+    torch.mul(x1, c, out=o1).addcmul_(x2, s, value=-sign)
+    torch.mul(x2, c, out=o2).addcmul_(x1, s, value=sign)
+    return out
+
+
+class _Rope(torch.autograd.Function):
+    """RoPE is a rotation: its gradient is the inverse rotation of the incoming gradient."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):  # noqa: ANN001, ANN205
+        ctx.save_for_backward(cos, sin)
+        ctx.dtype = x.dtype
+        return _rotate(x, cos, sin, 1.0)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        cos, sin = ctx.saved_tensors
+        return _rotate(grad, cos, sin, -1.0).to(ctx.dtype), None, None
 
 
 class KVCache:
@@ -250,14 +288,17 @@ class Attention(nn.Module):
         attn_mask: torch.Tensor | None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        qkv = self.wqkv(x)
-        q, k, v = qkv.split(
-            [self.n_heads * self.hd, self.n_kv * self.hd, self.n_kv * self.hd], dim=-1
+        qkv = self.wqkv(x).view(B, T, self.n_heads + 2 * self.n_kv, self.hd)
+        qk, v = qkv.split([self.n_heads + self.n_kv, self.n_kv], dim=2)
+        # cos/sin come as (T, hd) or (B, 1, T, hd); over (B, T, heads, hd) they broadcast as
+        # (T, 1, hd) or (B, T, 1, hd). One rope call rotates q and k together.
+        cos, sin = (
+            (cos[:, None], sin[:, None])
+            if cos.ndim == 2
+            else (cos.transpose(1, 2), sin.transpose(1, 2))
         )
-        q = q.view(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, H, T, hd)
-        k = k.view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, KV, T, hd)
-        v = v.view(B, T, self.n_kv, self.hd).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = apply_rope(qk, cos, sin).split([self.n_heads, self.n_kv], dim=2)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
         is_causal = attn_mask is None
         if cache is not None:
             start = cache.pos
@@ -346,8 +387,9 @@ class Transformer(nn.Module):
         positions: torch.Tensor | None = None,
         attn_mask: torch.Tensor | None = None,
         hidden: bool = False,
+        targets: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits for every position.
+        """Logits for every position, or the mean next-token loss when `targets` is given.
 
         Args:
             ids: (B, T) token ids.
@@ -356,9 +398,12 @@ class Transformer(nn.Module):
             attn_mask: (B, 1, T, T_total) bool, True = may attend; default causal.
             hidden: Return the final normed hidden states (B, T, d_model) instead of logits
                 (reward and value heads read these).
+            targets: (B, T) next-token ids (-100 = no loss): return the mean cross entropy over
+                the other positions, a scalar fp32 tensor, through `losses.linear_cross_entropy`,
+                which never builds the (B*T, vocab) logits.
 
         Returns:
-            (B, T, vocab_size) logits in the compute dtype, or hidden states.
+            (B, T, vocab_size) logits in the compute dtype, hidden states, or the scalar loss.
         """
         B, T = ids.shape
         start = cache.pos if cache is not None else 0
@@ -380,7 +425,14 @@ class Transformer(nn.Module):
         if cache is not None:
             cache.pos += T
         x = self.norm(x)
+        if targets is not None:
+            return linear_cross_entropy(x, self.lm_head.weight, targets)
         return x if hidden else self.lm_head(x)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The LM head on final hidden states (..., d_model) -> (..., vocab_size), for decoding
+        (a few rows at a time; `forward` applies the head to whole sequences)."""
+        return self.lm_head(h)
 
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
         """An empty KV cache on this model's device and dtype."""

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 
 from llmctl.core.artifacts import Manifest, commit_output, input_record, is_artifact, partial_path
 from llmctl.core.batches import Source, WindowSampler, val_windows
@@ -365,12 +364,8 @@ def run(
                 losses = []
                 for i in range(0, len(windows), micro_rows):
                     chunk = windows[i : i + micro_rows].to(rt.device)
-                    logits = model(chunk[:, :-1])
-                    losses.append(
-                        F.cross_entropy(
-                            logits.float().flatten(0, 1), chunk[:, 1:].flatten(), reduction="sum"
-                        )
-                    )
+                    # Fused head + loss (no full logits); mean x count = the chunk's summed loss.
+                    losses.append(model(chunk[:, :-1], targets=chunk[:, 1:]) * chunk[:, 1:].numel())
                 loss = float(sum(losses)) / windows[:, 1:].numel()
                 res[f"val_loss/{Path(name).name}" if len(val_sets) > 1 else "val_loss"] = loss
                 total += w * loss
@@ -427,10 +422,10 @@ def run(
 
 
 def lm_loss(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """Mean next-token cross-entropy (computed in fp32 for stability under autocast)."""
+    """Mean next-token cross-entropy, in fp32 for stability under autocast, through the model's fused
+    LM head + loss (`losses.linear_cross_entropy`: the full logits are never built)."""
     x, y = batch
-    logits = model(x)
-    return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+    return model(x, targets=y)
 
 
 def _resume(

@@ -395,3 +395,15 @@ def test_model_config_dict_round_trip_and_unknown_keys() -> None:
         ModelConfig.from_dict({**cfg.to_dict(), "hidden_size": 32})
     with pytest.raises(ConfigError, match="n_kv_heads"):
         cfg.replace(n_kv_heads=3)
+
+
+def test_rope_gradient_is_the_textbook_one() -> None:
+    """apply_rope's hand-written backward (the inverse rotation) equals autograd of the formula."""
+    cfg = _cfg()
+    cos, sin = rope_tables(cfg)
+    cos, sin = cos.double(), sin.double()
+    x = torch.randn(2, 3, cfg.max_seq_len, cfg.head_dim, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: apply_rope(t, cos, sin), (x,))
+    half = cfg.head_dim // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    torch.testing.assert_close(apply_rope(x, cos, sin), x * cos + rotated * sin)
