@@ -59,7 +59,7 @@ def pick(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def stream(
     model: Transformer,
     prompts: Sequence[Sequence[int]],
@@ -87,17 +87,17 @@ def stream(
     )
     device = model.embed.weight.device
     B = len(prompts)
-    lens = torch.tensor([len(p) for p in prompts], device=device)
-    L = int(lens.max())
+    plens = [len(p) for p in prompts]
+    L = max(plens)
     ctx = model.cfg.max_seq_len
     require(ctx > L, f"prompt of {L} tokens leaves no room in the {ctx}-token context")
     steps = min(cfg.max_new_tokens, ctx - L)
-    ids = torch.full((B, L), pad_id, dtype=torch.long, device=device)
-    for i, p in enumerate(prompts):
-        ids[i, L - len(p) :] = torch.tensor(list(p), dtype=torch.long, device=device)
+    rows = [[pad_id] * (L - len(p)) + list(p) for p in prompts]
+    ids = torch.tensor(rows, dtype=torch.long, device=device)
     cache = model.new_cache(B, L + steps)
-    ragged = bool((lens != L).any())
+    ragged = min(plens) != L
     if ragged:
+        lens = torch.tensor(plens, device=device)
         real = torch.arange(L, device=device)[None, :] >= (L - lens)[:, None]  # (B, L)
         cache.mask = torch.zeros(B, L + steps, dtype=torch.bool, device=device)
         cache.mask[:, :L] = real
@@ -105,30 +105,34 @@ def stream(
         eye = torch.eye(L, dtype=torch.bool, device=device)
         mask = (causal[None] & real[:, None, :]) | eye[None]  # (B, L, L)
         positions = (real.cumsum(-1) - 1).clamp(min=0)
-        logits = model(ids, cache=cache, positions=positions, attn_mask=mask[:, None])
+        h = model(ids, cache=cache, positions=positions, attn_mask=mask[:, None], hidden=True)
     else:
-        logits = model(ids, cache=cache)
-    stops = torch.tensor(sorted(set(stop_ids)) or [-1], device=device)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    nxt = pick(logits[:, -1], cfg, generator)
+        h = model(ids, cache=cache, hidden=True)
+    # Only the last position's logits are needed: the head runs on B rows, not B * L.
+    nxt = pick(model.logits(h[:, -1]), cfg, generator)
+    stops = set(stop_ids)
+    done = [False] * B
     for step in range(steps):
-        out = [None if d else int(t) for t, d in zip(nxt.tolist(), done.tolist(), strict=True)]
-        yield out
-        done |= torch.isin(nxt, stops)
-        if bool(done.all()) or step == steps - 1:
+        toks = nxt.tolist()  # the one host read per step
+        yield [None if d else t for t, d in zip(toks, done, strict=True)]
+        if stops:
+            done = [d or t in stops for t, d in zip(toks, done, strict=True)]
+            if all(done):
+                return
+        if step == steps - 1:
             return
         if ragged:
             cache.mask[:, L + step] = True
-            positions = (lens + step)[:, None]
-            logits = model(
+            h = model(
                 nxt[:, None],
                 cache=cache,
-                positions=positions,
+                positions=(lens + step)[:, None],
                 attn_mask=cache.mask[:, None, None, : L + step + 1],
+                hidden=True,
             )
         else:
-            logits = model(nxt[:, None], cache=cache)
-        nxt = pick(logits[:, -1], cfg, generator)
+            h = model(nxt[:, None], cache=cache, hidden=True)
+        nxt = pick(model.logits(h[:, -1]), cfg, generator)
 
 
 def generate(
