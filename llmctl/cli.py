@@ -1466,6 +1466,86 @@ def generate(
         out.print(prompt + t, markup=False, highlight=False)
 
 
+@app.command(
+    epilog='Example: llmctl chat runs/sft --system "You are concise." --temperature 0.7'
+    "   |   printf 'Hi\\nWhat is a list?\\n' | llmctl chat runs/sft --temperature 0"
+)
+@handle_errors
+def chat(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint directory.")],
+    system: Annotated[str | None, typer.Option(help="System message for the conversation.")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(help="Tokens per reply at most.")] = None,
+    temperature: Annotated[float | None, typer.Option(help="0 = greedy.")] = None,
+    top_k: Annotated[
+        int | None, typer.Option(help="Keep the k most likely tokens (0 = off).")
+    ] = None,
+    top_p: Annotated[float | None, typer.Option(help="Nucleus sampling mass (1 = off).")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, mps.")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Multi-turn chat with a checkpoint in the terminal (chat template, streamed replies).
+
+    Commands: /reset, /save FILE (the conversation as JSON), /quit (or Ctrl-D). When the history
+    outgrows the context, the oldest turns are dropped with a notice (the system message stays).
+    With piped stdin each line is one user message and each reply is printed, so scripts can drive it.
+    """
+    from llmctl.stages import chat as stage
+
+    cfg = make_config(
+        stage.ChatConfig,
+        config,
+        "chat",
+        system=system,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        device=device,
+    )
+    show_config(cfg)
+    session = stage.open_session(checkpoint, cfg)
+    tty = sys.stdin.isatty()
+    if tty and not STATE.quiet:
+        err.print(
+            f"[dim]chat with {escape(str(checkpoint))} (context {session.context} tokens); "
+            "/help for commands, /quit or Ctrl-D to end[/dim]"
+        )
+    while True:
+        try:
+            line = input("you> ") if tty else sys.stdin.readline()
+        except (EOFError, KeyboardInterrupt):
+            break
+        if (not tty and line == "") or _chat_line(session, line, tty):
+            break
+    if tty:
+        sys.stdout.write("\n")
+
+
+def _chat_line(session: Any, line: str, tty: bool) -> bool:
+    """Show the events of one input line; True when the session should end. Ctrl-C during a reply
+    stops that reply only."""
+    styles = {"info": "dim", "warn": "yellow", "error": "bold red"}
+    shown = False
+    try:
+        for ev in session.handle(line):
+            if ev.kind == "quit":
+                return True
+            if ev.kind in styles:
+                err.print(f"[{styles[ev.kind]}]{escape(ev.text)}[/{styles[ev.kind]}]")
+                continue
+            if tty and not shown:
+                out.print("[bold cyan]bot>[/bold cyan] ", end="")
+            shown = True
+            sys.stdout.write(ev.text if ev.kind == "text" else "\n")
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        if not tty:
+            raise
+        sys.stdout.write("\n")
+        err.print("[yellow]reply interrupted[/yellow]")
+    return False
+
+
 @app.command(epilog="Example: llmctl inspect data/tokens --head 2   |   llmctl inspect runs/base")
 @handle_errors
 def inspect(
@@ -1488,12 +1568,72 @@ def inspect(
             out.print(str(v), markup=False, highlight=False)
 
 
+# -- interchange -----------------------------------------------------------------------------------
+
+
+@app.command(
+    epilog="Example: llmctl export runs/sft -o hf/sft   then in Python: "
+    "AutoModelForCausalLM.from_pretrained('hf/sft'), AutoTokenizer.from_pretrained('hf/sft')"
+)
+@handle_errors
+def export(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint directory.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output directory.")],
+    dtype: Annotated[
+        str | None, typer.Option(help="Weight dtype: fp32 (default), bf16 or fp16.")
+    ] = None,
+    config: ConfigOpt = None,
+    force: ForceOpt = False,
+) -> None:
+    """Write a checkpoint as a Hugging Face Llama model directory.
+
+    transformers loads it with AutoModelForCausalLM (LlamaForCausalLM) and AutoTokenizer (the same
+    ids as llmctl's tokenizer; `apply_chat_template` renders llmctl's chat template). Reward models
+    are refused.
+    """
+    from llmctl.stages import export as stage
+
+    cfg = make_config(stage.ExportConfig, config, "export", dtype=dtype)
+    show_config(cfg)
+    m = stage.run(checkpoint, output, cfg, force=force)
+    summary(f"export -> {output}", {**m.counts, **m.stats})
+
+
+@app.command(
+    name="import-hf",
+    epilog="Example: llmctl import-hf hf/sft -o runs/imported   |   llmctl chat runs/imported",
+)
+@handle_errors
+def import_hf(
+    model_dir: Annotated[
+        Path, typer.Argument(help="Hugging Face Llama model directory (config.json, safetensors).")
+    ],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output checkpoint directory.")],
+    max_seq_len: Annotated[
+        int | None,
+        typer.Option(help="Context of the checkpoint (default: max_position_embeddings)."),
+    ] = None,
+    config: ConfigOpt = None,
+    force: ForceOpt = False,
+) -> None:
+    """Convert a Hugging Face Llama model (safetensors, sharded or not) into an llmctl checkpoint.
+
+    Needs a SentencePiece tokenizer.model with llmctl's special tokens (any model written by
+    `llmctl export` has one); byte-level BPE tokenizers (tokenizer.json only, e.g. Llama 3) and
+    other architectures are refused with exit code 2.
+    """
+    from llmctl.stages import import_hf as stage
+
+    cfg = make_config(stage.ImportHfConfig, config, "import-hf", max_seq_len=max_seq_len)
+    show_config(cfg)
+    m = stage.run(model_dir, output, cfg, force=force)
+    summary(f"import-hf -> {output}", {**m.counts, **m.stats})
+
+
 # -- stages that later releases add ----------------------------------------------------------------
 
 PLANNED = {
     "eval": "perplexity, lm-evaluation-harness tasks, HumanEval, LLM-as-a-judge",
-    "chat": "interactive multi-turn chat in the terminal",
-    "export": "Hugging Face / GGUF export",
 }
 
 
