@@ -89,13 +89,15 @@ def bench(paths: dict, args, reward: str) -> dict:
 
 def main() -> None:
     p = _common.parser(__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=6, help="PPO steps per reward source (1 warm-up)")
+    p.add_argument("--steps", type=int, default=4, help="PPO steps per reward source (1 warm-up)")
     p.add_argument("--batch-prompts", type=int, default=16)
     p.add_argument("--minibatch", type=int, default=4)
     p.add_argument("--ppo-epochs", type=int, default=4)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--vocab", type=int, default=2048)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: no spin-waiting)")
     args = p.parse_args()
+    torch.set_num_threads(args.threads)
     if args.quick:
         args.steps, args.batch_prompts, args.max_new_tokens = 3, 8, 16
         args.ppo_epochs, args.vocab = 1, 512

@@ -63,7 +63,7 @@ from llmctl.core.checkpoint import (
 )
 from llmctl.core.config import require, to_dict
 from llmctl.core.errors import ConfigError, InputError, LlmctlError, TrainingError
-from llmctl.core.heads import ScalarHead, pad_right
+from llmctl.core.heads import ScalarHead, load_reward_model, pad_right
 from llmctl.core.model import Transformer
 from llmctl.core.optim import make_adamw
 from llmctl.core.ppo import (
@@ -300,8 +300,6 @@ def _load_models(cfg: PPOConfig, rt: Runtime) -> _Models:
     critic = Critic(copy.deepcopy(policy)).train()
     inputs = [input_record(cfg.init, "checkpoint")]
     if cfg.reward_model:
-        from llmctl.core.heads import load_reward_model
-
         rm, _ = load_reward_model(Path(cfg.reward_model), device=rt.device, tokenizer=tok)
         rm.requires_grad_(False)
         inputs.append(input_record(cfg.reward_model, "checkpoint"))
