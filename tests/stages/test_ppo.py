@@ -230,9 +230,10 @@ def test_response_logprobs_line_up_with_the_full_forward(toy: dict[str, Path]) -
     ids, idx, tokens, mask = ppo.layout(p, r, tok.pad_id)
     assert mask.tolist() == [[True, True, True], [True, False, False]]
     assert ids[0, idx[0, 2] + 1] == tok.end_id
-    logp, ent = ppo.response_logprobs(ck.model, ids, idx, tokens)
+    with torch.no_grad():
+        logp, ent = ppo.response_logprobs(ck.model, ids, idx, tokens)
     for b in range(2):  # each row as if alone, unpadded
-        full = torch.log_softmax(ck.model(torch.tensor([p[b] + r[b]])).float(), -1)[0]
+        full = torch.log_softmax(ck.model(torch.tensor([p[b] + r[b]])).detach().float(), -1)[0]
         for j, t in enumerate(r[b]):
             assert float(logp[b, j]) == pytest.approx(float(full[len(p[b]) - 1 + j, t]), abs=1e-5)
     assert (ent[mask] > 0).all()
