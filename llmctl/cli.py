@@ -1630,11 +1630,199 @@ def import_hf(
     summary(f"import-hf -> {output}", {**m.counts, **m.stats})
 
 
+# -- evaluation ------------------------------------------------------------------------------------
+
+eval_app = typer.Typer(
+    cls=_DefaultRunGroup,
+    no_args_is_help=True,
+    help="Evaluate a checkpoint: lm-evaluation-harness tasks (`eval run`, the default) or "
+    "perplexity and bits per byte on held-out data (`eval ppl`).\n\n"
+    "llmctl eval CKPT --tasks a,b -o OUT is short for `eval run`. llmctl's own offline tasks "
+    "(tag llmctl_stdlib) need no download; lm-eval's built-in tasks run when their datasets are "
+    "in the local Hugging Face cache.",
+    epilog="Example: llmctl eval runs/base --tasks llmctl_stdlib -o runs/eval/base   |   "
+    "llmctl eval ppl runs/base data/tokens -o runs/eval/base-ppl",
+)
+app.add_typer(eval_app, name="eval")
+EvalDeviceOpt = Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N, mps.")]
+EvalPrecisionOpt = Annotated[
+    str | None, typer.Option(help="auto, fp32 or bf16 (autocast; default auto).")
+]
+
+
+@eval_app.command(
+    "run",
+    epilog="Example: llmctl eval runs/base --tasks stdlib_module,stdlib_ppl --limit 50 -o runs/eval/base"
+    "   |   llmctl eval runs/base --tasks my_task --include-path tasks/ -o runs/eval/mine",
+)
+@handle_errors
+def eval_run(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint directory.")],
+    output: OutOpt,
+    tasks: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated lm-eval task, group or tag names (default: llmctl_stdlib, "
+            "the offline tasks shipped with llmctl)."
+        ),
+    ] = None,
+    include_path: Annotated[
+        list[str] | None,
+        typer.Option(help="Folder of extra task YAMLs (repeatable)."),
+    ] = None,
+    limit: Annotated[
+        float | None,
+        typer.Option(help="Examples per task: a count, or a fraction below 1 (default: all)."),
+    ] = None,
+    num_fewshot: Annotated[
+        int | None, typer.Option(help="Few-shot examples (default: each task's own).")
+    ] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Requests per forward pass.")] = None,
+    log_samples: Annotated[
+        bool | None,
+        typer.Option(
+            "--log-samples/--no-log-samples", help="Also write each example's prompt and answer."
+        ),
+    ] = None,
+    device: EvalDeviceOpt = None,
+    precision: EvalPrecisionOpt = None,
+    config: ConfigOpt = None,
+    force: ForceOpt = False,
+) -> None:
+    """Run lm-evaluation-harness tasks on a checkpoint (through llmctl's LM adapter).
+
+    Writes OUTPUT/results.json (lm-eval's results) and a table. A built-in task whose dataset is not
+    in the local Hugging Face cache is skipped with a warning (the hub is used offline unless
+    HF_DATASETS_OFFLINE=0); an unknown task name is an error.
+    """
+    import logging
+
+    from llmctl.stages import evaluate as stage
+
+    if not STATE.verbose:
+        logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    cfg = make_config(
+        stage.TasksConfig,
+        config,
+        "eval",
+        tasks=tuple(t.strip() for t in tasks.split(",") if t.strip()) if tasks else None,
+        include_path=tuple(include_path) if include_path else None,
+        limit=limit,
+        num_fewshot=num_fewshot,
+        batch_size=batch_size,
+        log_samples=log_samples,
+        device=device,
+        precision=precision,
+    )
+    show_config(cfg)
+    m = stage.run_tasks(checkpoint, output, cfg, force=force, progress=progress())
+    for line in m.stats["skipped"]:
+        err.print(f"[yellow]warning:[/yellow] {escape(line)}", highlight=False, soft_wrap=True)
+    if STATE.quiet:
+        return
+    t = Table(title=f"eval -> {output}", title_justify="left", title_style="bold")
+    for col in ("task", "metric", "filter", "value", "stderr"):
+        t.add_column(col, justify="right" if col in ("value", "stderr") else "left")
+    for task, metrics in m.stats["metrics"].items():
+        for key, value in metrics.items():
+            name, _, filt = key.partition(",")
+            if name.endswith("_stderr"):
+                continue
+            se = metrics.get(f"{name}_stderr,{filt}")
+            t.add_row(
+                task,
+                name,
+                filt,
+                f"{value:.4f}" if isinstance(value, float) else str(value),
+                f"{se:.4f}" if isinstance(se, float) else "",
+            )
+    err.print(t)
+
+
+@eval_app.command(
+    "ppl",
+    epilog="Example: llmctl eval ppl runs/base data/tokens -o runs/eval/ppl   |   "
+    "llmctl eval ppl runs/base held_out.jsonl -o runs/eval/ppl-text --stride 128",
+)
+@handle_errors
+def eval_ppl(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint directory.")],
+    data: Annotated[
+        str,
+        typer.Argument(
+            help="Tokens artifact (its val split; tokenizer must match the checkpoint's), or text: "
+            "docs dataset, Parquet/JSONL/.txt file or folder."
+        ),
+    ],
+    output: OutOpt,
+    stride: Annotated[
+        int | None,
+        typer.Option(
+            help="Tokens scored per sliding window (default: the context; smaller = more "
+            "context per token, slower)."
+        ),
+    ] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Windows per forward pass.")] = None,
+    split: Annotated[str | None, typer.Option(help="Tokens artifact split: val or train.")] = None,
+    text_column: Annotated[str | None, typer.Option(help="Text column of a dataset.")] = None,
+    max_docs: Annotated[
+        int | None, typer.Option(help="Score at most this many documents (0 = all).")
+    ] = None,
+    device: EvalDeviceOpt = None,
+    precision: EvalPrecisionOpt = None,
+    config: ConfigOpt = None,
+    force: ForceOpt = False,
+) -> None:
+    """Perplexity and bits per byte of a checkpoint on held-out tokens or text.
+
+    Each document is scored from its BOS with a sliding window, every token once. Bits per byte
+    (sum NLL / ln 2 / UTF-8 bytes) compares models with different tokenizers.
+    """
+    from llmctl.stages import evaluate as stage
+
+    cfg = make_config(
+        stage.PerplexityConfig,
+        config,
+        "eval-ppl",
+        stride=stride,
+        batch_size=batch_size,
+        split=split,
+        text_column=text_column,
+        max_docs=max_docs,
+        device=device,
+        precision=precision,
+    )
+    show_config(cfg)
+    m = stage.perplexity(checkpoint, data, output, cfg, force=force, progress=progress())
+    summary(f"eval ppl -> {output}", {**m.counts, **m.stats})
+
+
+@app.command(
+    "lm-eval",
+    context_settings={
+        "allow_extra_args": True,
+        "ignore_unknown_options": True,
+        "help_option_names": [],
+    },
+    add_help_option=False,
+    epilog="Example: llmctl lm-eval --model llmctl --model_args path=runs/base --tasks stdlib_module "
+    "--include_path DIR",
+)
+@handle_errors
+def lm_eval_passthrough(ctx: typer.Context) -> None:
+    """lm-evaluation-harness's own command line, with `--model llmctl` registered
+    (--model_args path=CKPT[,batch_size=8,device=cpu,precision=fp32,stride=N]); `--help` is
+    lm-eval's. llmctl's offline tasks: --include_path from `python -c "import llmctl.eval_tasks as
+    t; print(t.TASKS_DIR)"`.
+    """
+    from llmctl.stages import evaluate as stage
+
+    raise typer.Exit(stage.lm_eval_cli(list(ctx.args)))
+
+
 # -- stages that later releases add ----------------------------------------------------------------
 
-PLANNED = {
-    "eval": "perplexity, lm-evaluation-harness tasks, HumanEval, LLM-as-a-judge",
-}
+PLANNED: dict[str, str] = {}
 
 
 def _planned(name: str, what: str) -> None:
