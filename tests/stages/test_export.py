@@ -160,6 +160,10 @@ def test_hf_tokenizer_encodes_and_decodes_like_ours(hf_dir: Path, tok: Tokenizer
         ids = tok.encode(text, bos=True)
         assert hf(text)["input_ids"] == ids, repr(text[:60])
         assert hf.decode(ids, skip_special_tokens=True) == tok.decode(ids), repr(text[:60])
+    # Typed special-token text: HF matches it as the control token unless told not to.
+    typed = "say <|user|> or <s>"
+    assert hf(typed)["input_ids"] != tok.encode(typed, bos=True)
+    assert hf(typed, split_special_tokens=True)["input_ids"] == tok.encode(typed, bos=True)
 
 
 def test_tokenizer_json_alone_encodes_like_ours(hf_dir: Path, tok: Tokenizer) -> None:
