@@ -1508,7 +1508,8 @@ def chat(
     if tty and not STATE.quiet:
         err.print(
             f"[dim]chat with {escape(str(checkpoint))} (context {session.context} tokens); "
-            "/help for commands, /quit or Ctrl-D to end[/dim]"
+            "/help for commands, /quit or Ctrl-D to end[/dim]",
+            highlight=False,
         )
     while True:
         try:
@@ -1531,7 +1532,8 @@ def _chat_line(session: Any, line: str, tty: bool) -> bool:
             if ev.kind == "quit":
                 return True
             if ev.kind in styles:
-                err.print(f"[{styles[ev.kind]}]{escape(ev.text)}[/{styles[ev.kind]}]")
+                style = styles[ev.kind]
+                err.print(f"[{style}]{escape(ev.text)}[/{style}]", highlight=False)
                 continue
             if tty and not shown:
                 out.print("[bold cyan]bot>[/bold cyan] ", end="")
