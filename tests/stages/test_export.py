@@ -234,9 +234,9 @@ def test_import_of_a_transformers_saved_sharded_model(tmp_path: Path, tok: Token
     hf.save_pretrained(tmp_path / "hf", max_shard_size="20KB")
     assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
     export.write_hf_tokenizer(tmp_path / "hf", tok, 64)
-    import_hf.run(tmp_path / "hf", tmp_path / "ck", import_hf.ImportHfConfig())
+    import_hf.run(tmp_path / "hf", tmp_path / "ck", import_hf.ImportHfConfig(max_seq_len=48))
     ours = load_checkpoint(tmp_path / "ck").model
-    assert ours.cfg.rope_theta == 20000.0
+    assert (ours.cfg.rope_theta, ours.cfg.max_seq_len, ours.cfg.n_kv_heads) == (20000.0, 48, 2)
     ids = torch.tensor([tok.encode(sample_texts()[0], bos=True)[:48]])
     with torch.no_grad():
         assert (ours(ids) - hf(ids).logits).abs().max().item() < 1e-4
