@@ -1824,7 +1824,9 @@ def lm_eval_passthrough(ctx: typer.Context) -> None:
 
 # -- stages that later releases add ----------------------------------------------------------------
 
-PLANNED: dict[str, str] = {}
+PLANNED: dict[str, str] = {
+    "serve": "OpenAI-compatible HTTP server (/v1/chat/completions) with a chat page",
+}
 
 
 def _planned(name: str, what: str) -> None:
@@ -1838,7 +1840,7 @@ def _planned(name: str, what: str) -> None:
             f"[bold red]error:[/bold red] `llmctl {name}` is not available yet in llmctl {__version__} ({what})"
         )
         err.print(
-            "[yellow]hint:[/yellow] see the README's roadmap; available now: corpus, crawl-filter, dedup, tokenize, pretrain, generate, inspect"
+            "[yellow]hint:[/yellow] see the README's roadmap; `llmctl --help` lists what is available"
         )
         raise typer.Exit(2)
 
