@@ -176,10 +176,10 @@ def step_rows(plan: _Plan, cfg: SFTConfig, step: int, micro: int) -> list[list[i
 
 
 def masked_lm_loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-    """Mean next-token cross-entropy over the target (assistant) tokens of a batch."""
-    logits = model(batch.ids, positions=batch.positions, attn_mask=batch.attn_mask)
-    return F.cross_entropy(
-        logits.float().flatten(0, 1), batch.targets.flatten(), ignore_index=IGNORE
+    """Mean next-token cross-entropy over the target (assistant) tokens of a batch (the model's fused,
+    chunked head: the (rows, vocab) logits are never materialised)."""
+    return model(
+        batch.ids, positions=batch.positions, attn_mask=batch.attn_mask, targets=batch.targets
     )
 
 

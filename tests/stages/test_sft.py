@@ -173,3 +173,22 @@ def test_manifest_records_inputs(tmp_path: Path, chat_data: Path, base_ckpt: Pat
     assert m.stage == "sft"
     assert [i["kind"] for i in m.inputs] == ["docs", "checkpoint"]
     assert m.config["init"] == str(base_ckpt)
+
+
+def test_training_loss_is_the_masked_mean_over_assistant_tokens(
+    chat_data: Path, base_ckpt: Path
+) -> None:
+    """The fused head used in training equals cross entropy on full logits over the targets."""
+    import torch.nn.functional as F
+
+    from llmctl.core.chatdata import IGNORE, collate, encode_conversations, load_conversations
+
+    c = load_checkpoint(base_ckpt)
+    convs, _ = load_conversations(chat_data)
+    ex, _ = encode_conversations(c.tokenizer, convs[:12], 65)
+    b = collate(ex, [[0, 1, 2], [3, 4, 5, 6]], c.tokenizer.pad_id, 64)
+    with torch.no_grad():
+        fused = sft.masked_lm_loss(c.model, b)
+        logits = c.model(b.ids, positions=b.positions, attn_mask=b.attn_mask)
+        ref = F.cross_entropy(logits.flatten(0, 1), b.targets.flatten(), ignore_index=IGNORE)
+    torch.testing.assert_close(fused, ref, rtol=1e-5, atol=1e-5)
