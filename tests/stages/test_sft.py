@@ -186,7 +186,7 @@ def test_training_loss_is_the_masked_mean_over_assistant_tokens(
     c = load_checkpoint(base_ckpt)
     convs, _ = load_conversations(chat_data)
     ex, _ = encode_conversations(c.tokenizer, convs[:12], 65)
-    b = collate(ex, [[0, 1, 2], [3, 4, 5, 6]], c.tokenizer.pad_id, 64)
+    b = collate(ex, [[0, 1], [3, 4]], c.tokenizer.pad_id)
     with torch.no_grad():
         fused = sft.masked_lm_loss(c.model, b)
         logits = c.model(b.ids, positions=b.positions, attn_mask=b.attn_mask)
