@@ -1548,6 +1548,67 @@ def _chat_line(session: Any, line: str, tty: bool) -> bool:
     return False
 
 
+@app.command(
+    epilog="Example: llmctl serve runs/sft --port 8000   |   then open http://127.0.0.1:8000/ or "
+    "point an OpenAI client at http://127.0.0.1:8000/v1"
+)
+@handle_errors
+def serve(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint directory.")],
+    host: Annotated[
+        str | None, typer.Option(help="Interface to listen on (0.0.0.0 = every interface).")
+    ] = None,
+    port: Annotated[int | None, typer.Option(help="TCP port.")] = None,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            envvar="LLMCTL_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1/* requests."
+        ),
+    ] = None,
+    model_name: Annotated[
+        str | None, typer.Option(help="Model id clients send (default: the checkpoint's folder).")
+    ] = None,
+    max_batch: Annotated[int | None, typer.Option(help="Choices decoded together at most.")] = None,
+    max_tokens: Annotated[
+        int | None, typer.Option(help="Reply budget when a request sets no max_tokens.")
+    ] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, mps.")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Serve a checkpoint over an OpenAI-compatible HTTP API, with a chat page at /.
+
+    Endpoints: /v1/chat/completions and /v1/completions (streaming with "stream": true), /v1/models,
+    /health. Requests arriving together are decoded in one batch on a single worker thread.
+    """
+    from llmctl.stages import serve as stage
+
+    cfg = make_config(
+        stage.ServeConfig,
+        config,
+        "serve",
+        host=host,
+        port=port,
+        api_key=api_key,
+        model_name=model_name,
+        max_batch=max_batch,
+        max_tokens=max_tokens,
+        device=device,
+        log_level="warning" if STATE.quiet else None,
+    )
+    show_config(cfg)
+
+    def ready(url: str, model_id: str) -> None:
+        if not STATE.quiet:
+            err.print(
+                f"serving [bold]{escape(model_id)}[/bold]: chat page {url}/  |  API {url}/v1"
+                + ("  (API key required)" if cfg.api_key else "")
+                + "  |  Ctrl-C stops",
+                highlight=False,
+            )
+
+    stage.run(checkpoint, cfg, on_ready=ready)
+
+
 @app.command(epilog="Example: llmctl inspect data/tokens --head 2   |   llmctl inspect runs/base")
 @handle_errors
 def inspect(
@@ -1896,9 +1957,7 @@ def lm_eval_passthrough(ctx: typer.Context) -> None:
 
 # -- stages that later releases add ----------------------------------------------------------------
 
-PLANNED: dict[str, str] = {
-    "serve": "OpenAI-compatible HTTP server (/v1/chat/completions) with a chat page",
-}
+PLANNED: dict[str, str] = {}  # name -> what it will do; each gets a stub that exits 2
 
 
 def _planned(name: str, what: str) -> None:

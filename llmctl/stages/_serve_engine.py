@@ -1,0 +1,270 @@
+"""The generation engine behind `llmctl serve`: one worker thread that batches queued requests.
+
+The HTTP handlers (serve.py) run on the asyncio event loop and never touch the model. Each choice
+they want sampled becomes a `Row` (prompt ids, token budget, stop strings, sampling settings) in a
+shared queue; the worker thread takes rows off it in batches and decodes each batch with the
+ragged-batch KV-cache generator (core/sampling.stream), pushing text pieces and the finish reason of
+every row back to the loop with `call_soon_threadsafe`. So the loop stays responsive while the model
+runs, and requests that arrive together are decoded together.
+
+Batching policy (static batches, not continuous batching): when the worker is idle and a row
+arrives, it waits `batch_wait_ms` for more, then takes, in arrival order, up to `max_batch` waiting
+rows that share the first row's sampling settings (temperature, top_k, top_p: the generator samples a
+batch with one setting) and fit the context together (longest prompt + largest budget <= context,
+since the batch's KV cache is that long). A row that arrives while a batch runs waits for the next
+batch. Each row stops on its own (end-of-turn or EOS token, a stop string, its own max_tokens or a
+cancelled client); the batch ends when all of its rows have.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from llmctl.core.model import Transformer
+from llmctl.core.sampling import SamplingConfig, stream
+from llmctl.core.tokenizer import Tokenizer
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """The per-request settings a batch must share."""
+
+    temperature: float
+    top_k: int
+    top_p: float
+
+
+@dataclass(eq=False)
+class Row:
+    """One choice to sample; `emit(kind, payload)` runs on the event loop.
+
+    Events: ("text", str) for each new piece, then ("done", (finish_reason, completion_tokens)) or
+    ("error", message).
+    """
+
+    prompt: list[int]
+    max_tokens: int
+    sampling: Sampling
+    stops: tuple[str, ...]
+    emit: Callable[[str, Any], None]
+    cancelled: bool = False
+    # worker-side state
+    ids: list[int] = field(default_factory=list)
+    text: str = ""  # decoded so far (whole characters only)
+    sent: int = 0  # characters of `text` already emitted
+
+
+class StopScan:
+    """Find stop strings in a growing text, holding back a tail that may be the start of one."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = [s for s in stops if s]
+
+    def scan(self, text: str, sent: int) -> tuple[int, bool]:
+        """(characters of `text` safe to emit, whether a stop string was hit). On a hit, the safe
+        length is where the earliest stop string begins."""
+        if not self.stops:
+            return len(text), False
+        start = max(0, sent - max(len(s) for s in self.stops))
+        hits = [i for s in self.stops if (i := text.find(s, start)) >= 0]
+        if hits:
+            return min(hits), True
+        hold = 0
+        for s in self.stops:  # the longest tail of text that begins some stop string
+            for k in range(min(len(s) - 1, len(text)), hold, -1):
+                if text.endswith(s[:k]):
+                    hold = k
+                    break
+        return len(text) - hold, False
+
+
+class Engine:
+    """Owns the model; runs queued rows in batches on one worker thread."""
+
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer: Tokenizer,
+        *,
+        max_batch: int = 8,
+        batch_wait_ms: float = 10.0,
+        seed: int = 0,
+    ) -> None:
+        self.model, self.tok = model, tokenizer
+        self.max_batch, self.batch_wait = max_batch, batch_wait_ms / 1000
+        device = model.embed.weight.device
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.stop_ids = sorted({tokenizer.eos_id, tokenizer.end_id})
+        self._pending: deque[Row] = deque()
+        self._cv = threading.Condition()
+        self._closed = False
+        self.running = 0  # rows in the batch being decoded
+        self.batches = 0  # batches decoded so far
+        self._thread = threading.Thread(target=self._work, name="llmctl-serve-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def context(self) -> int:
+        """The model's context length in tokens."""
+        return self.model.cfg.max_seq_len
+
+    @property
+    def queued(self) -> int:
+        """Rows waiting for a batch."""
+        return len(self._pending)
+
+    @property
+    def alive(self) -> bool:
+        """Whether the worker thread is running."""
+        return self._thread.is_alive() and not self._closed
+
+    def submit(self, row: Row) -> None:
+        """Queue a row (thread-safe)."""
+        with self._cv:
+            self._pending.append(row)
+            self._cv.notify()
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the worker after its current batch; rows still queued are dropped."""
+        with self._cv:
+            self._closed = True
+            for r in self._pending:
+                r.cancelled = True
+            self._pending.clear()
+            self._cv.notify()
+        self._thread.join(timeout)
+
+    # -- worker thread -------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        while True:
+            batch = self._next_batch()
+            if batch is None:
+                return
+            self.running = len(batch)
+            try:
+                self._decode(batch)
+            except Exception as e:  # noqa: BLE001 - a failed batch must not kill the server
+                for r in batch:
+                    r.emit("error", f"generation failed: {type(e).__name__}: {e}")
+            finally:
+                self.running = 0
+                self.batches += 1
+
+    def _next_batch(self) -> list[Row] | None:
+        with self._cv:
+            while not self._pending and not self._closed:
+                self._cv.wait()
+            if self._closed:
+                return None
+        time.sleep(self.batch_wait)  # let requests that arrive together join this batch
+        with self._cv:
+            return self._take()
+
+    def _take(self) -> list[Row]:
+        """Up to max_batch live rows sharing the first one's sampling and fitting the context."""
+        while self._pending and self._pending[0].cancelled:
+            self._pending.popleft()
+        if not self._pending:
+            return []
+        first = self._pending[0]
+        batch: list[Row] = []
+        longest, budget = 0, 0
+        for r in list(self._pending):
+            if len(batch) == self.max_batch:
+                break
+            fits = max(longest, len(r.prompt)) + max(budget, r.max_tokens) <= self.context
+            if r.sampling == first.sampling and fits and not r.cancelled:
+                batch.append(r)
+                longest, budget = max(longest, len(r.prompt)), max(budget, r.max_tokens)
+        for r in batch:
+            self._pending.remove(r)
+        return batch
+
+    def _decode(self, batch: list[Row]) -> None:
+        if not batch:
+            return
+        s = batch[0].sampling
+        cfg = SamplingConfig(
+            max_new_tokens=max(r.max_tokens for r in batch),
+            temperature=s.temperature,
+            top_k=s.top_k,
+            top_p=s.top_p,
+        )
+        scans = [StopScan(r.stops) for r in batch]
+        live = [True] * len(batch)
+        steps = stream(
+            self.model,
+            [r.prompt for r in batch],
+            cfg,
+            stop_ids=self.stop_ids,
+            generator=self.generator,
+            pad_id=self.tok.pad_id,
+        )
+        try:
+            for step in steps:
+                for i, (r, t) in enumerate(zip(batch, step, strict=True)):
+                    if live[i]:
+                        live[i] = self._advance(r, t, scans[i])
+                if not any(live):
+                    break
+        finally:
+            steps.close()
+        for i, r in enumerate(batch):
+            if live[i]:  # the context filled up before the row's budget
+                self._finish(r, "length", scans[i])
+
+    def _advance(self, r: Row, t: int | None, scan: StopScan) -> bool:
+        """Feed one sampled token to a row; False once the row is finished."""
+        if r.cancelled:
+            return False
+        if t is None or t in self.stop_ids:
+            self._finish(r, "stop", scan, counted=t is not None)
+            return False
+        r.ids.append(t)
+        text = self.tok.decode(r.ids)
+        if not text.endswith("\ufffd"):  # hold back a multi-byte character until it is whole
+            r.text = text
+            safe, hit = scan.scan(text, r.sent)
+            if safe > r.sent:
+                r.emit("text", text[r.sent : safe])
+                r.sent = safe
+            if hit:
+                r.emit("done", ("stop", len(r.ids)))
+                return False
+        if len(r.ids) >= r.max_tokens:
+            self._finish(r, "length", scan)
+            return False
+        return True
+
+    def _finish(
+        self, r: Row, reason: FinishReason, scan: StopScan, *, counted: bool = False
+    ) -> None:
+        """Flush the held-back tail (it did not complete a stop string) and report the end."""
+        if len(r.text) > r.sent:
+            r.emit("text", r.text[r.sent :])
+            r.sent = len(r.text)
+        r.emit("done", (reason, len(r.ids) + int(counted)))
+
+
+def loop_emitter(
+    loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, index: int
+) -> Callable[[str, Any], None]:
+    """An `emit` for Row that puts (index, kind, payload) into `queue` on `loop` (thread-safe)."""
+
+    def emit(kind: str, payload: Any) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is listening
+            loop.call_soon_threadsafe(queue.put_nowait, (index, kind, payload))
+
+    return emit
