@@ -1932,6 +1932,93 @@ def eval_humaneval(
     summary(f"eval humaneval -> {output}", {**m.counts, **m.stats})
 
 
+def _win_table(title: str, r: dict[str, Any]) -> None:
+    """A's wins, ties and losses against B with Wilson 95% intervals."""
+    if STATE.quiet:
+        return
+    t = Table(title=title, title_justify="left", title_style="bold")
+    for col in ("outcome", "count", "rate", "95% CI"):
+        t.add_column(col, justify="left" if col == "outcome" else "right")
+    for name, count, key in (
+        ("A wins", r["a_wins"], "win_rate"),
+        ("tie", r["ties"], "tie_rate"),
+        ("B wins", r["b_wins"], "loss_rate"),
+    ):
+        v, (lo, hi) = r[key]["value"], r[key]["ci95"]
+        t.add_row(name, str(count), "-" if v is None else f"{v:.3f}", f"[{lo:.3f}, {hi:.3f}]")
+    err.print(t)
+    bias = r.get("first_shown_won")
+    extra = f"judged {r['n']}, unreadable {r['invalid']}, order ab/ba {r['order']['ab']}/{r['order']['ba']}"
+    if bias is not None:
+        extra += f", first-shown answer won {bias:.3f} of decisive verdicts"
+    err.print(f"[dim]{escape(extra)}[/dim]")
+
+
+@eval_app.command(
+    "judge",
+    epilog="Example: llmctl eval judge prompts.jsonl --a runs/ppo --b runs/sft --judge-rm runs/rm "
+    "-o runs/eval/ppo-vs-sft   |   ... --judge-url http://127.0.0.1:8000/v1 --judge-model gpt-4o "
+    "--api-key-env OPENAI_API_KEY",
+)
+@handle_errors
+def eval_judge(
+    prompts: Annotated[
+        str, typer.Argument(help="Prompts: JSONL/Parquet/dir with a 'prompt' column (or messages).")
+    ],
+    a: Annotated[Path, typer.Option("--a", help="Checkpoint A (the one whose win rate is shown).")],
+    b: Annotated[Path, typer.Option("--b", help="Checkpoint B (the baseline).")],
+    output: OutOpt,
+    judge_rm: Annotated[
+        str | None, typer.Option(help="Reward-model checkpoint as judge (higher reward wins).")
+    ] = None,
+    judge_url: Annotated[
+        str | None, typer.Option(help="OpenAI-compatible API base URL as judge (e.g. .../v1).")
+    ] = None,
+    judge_model: Annotated[str | None, typer.Option(help="Model name at --judge-url.")] = None,
+    api_key_env: Annotated[
+        str | None, typer.Option(help="Environment variable holding the judge's API key.")
+    ] = None,
+    tie_epsilon: Annotated[
+        float | None, typer.Option(help="Reward difference counted as a tie (default 0).")
+    ] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(help="Tokens per answer.")] = None,
+    temperature: Annotated[float | None, typer.Option(help="Answer sampling; 0 = greedy.")] = None,
+    limit: Annotated[int | None, typer.Option(help="First N prompts only (0 = all).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Answers per forward pass.")] = None,
+    device: EvalDeviceOpt = None,
+    precision: EvalPrecisionOpt = None,
+    config: ConfigOpt = None,
+    force: ForceOpt = False,
+) -> None:
+    """Pairwise win rate of checkpoint A against B, judged by a reward model or an LLM endpoint.
+
+    Both answer each prompt (chat template); which answer the judge sees first is a seeded coin
+    flip per prompt, recorded in OUTPUT/judgments.jsonl. Prints win/tie/loss rates with Wilson 95%
+    intervals; OUTPUT/results.json holds the same.
+    """
+    from llmctl.stages import judge as stage
+
+    cfg = make_config(
+        stage.JudgeConfig,
+        config,
+        "eval-judge",
+        judge_rm=judge_rm,
+        judge_url=judge_url,
+        judge_model=judge_model,
+        api_key_env=api_key_env,
+        tie_epsilon=tie_epsilon,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        limit=limit,
+        batch_size=batch_size,
+        device=device,
+        precision=precision,
+    )
+    show_config(cfg)
+    stage.run(prompts, a, b, output, cfg, force=force, progress=progress())
+    _win_table(f"eval judge -> {output}", stage.read_results(output))
+
+
 @app.command(
     "lm-eval",
     context_settings={

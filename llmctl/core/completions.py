@@ -1,7 +1,7 @@
 """Batched text continuation with stop strings, on top of the KV-cache generator (core/sampling.py).
 
 `eval humaneval` (completion-style code) and `eval judge` / `eval human-export` (chat answers) share
-it. A row ends at a stop id (EOS, end-of-turn), a stop string, or the token budget; the text is cut
+it (`chat_answers`: one reply per conversation through the chat template). A row ends at a stop id (EOS, end-of-turn), a stop string, or the token budget; the text is cut
 before the first stop string. The continuation is decoded together with its prompt and the decoded
 prompt removed, so SentencePiece's leading-space handling does not eat the first character.
 """
@@ -9,9 +9,11 @@ prompt removed, so SentencePiece's leading-space handling does not eat the first
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 
+from llmctl.core.checkpoint import Checkpoint
 from llmctl.core.model import Transformer
 from llmctl.core.runtime import Runtime
 from llmctl.core.sampling import SamplingConfig, stream
@@ -95,3 +97,40 @@ def _text(tok: Tokenizer, prompt: list[int], new: list[int], head: str) -> str:
     """The decoded continuation (decoded with its prompt, then the prompt's text removed)."""
     full = tok.decode([*prompt, *new])
     return full[len(head) :] if full.startswith(head) else tok.decode(new)
+
+
+def chat_prompt_ids(tok: Tokenizer, messages: Sequence[dict[str, str]], keep: int) -> list[int]:
+    """The chat template with an open assistant turn; BOS plus the last `keep - 1` tokens."""
+    ids, _ = tok.render_chat(messages, add_generation_prompt=True)
+    return ids if len(ids) <= keep else [ids[0], *ids[len(ids) - keep + 1 :]]
+
+
+def chat_answers(
+    c: Checkpoint,
+    conversations: Sequence[Sequence[dict[str, str]]],
+    cfg: SamplingConfig,
+    *,
+    rt: Runtime,
+    seed: int = 0,
+    batch_size: int = 16,
+) -> list[str]:
+    """One assistant reply per conversation (chat template, stops at <|end|> or EOS), in order."""
+    budget, keep = fit_budget(c.model.cfg.max_seq_len, cfg.max_new_tokens)
+    cfg = replace(cfg, max_new_tokens=budget)
+    prompts = [chat_prompt_ids(c.tokenizer, m, keep) for m in conversations]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths together
+    gen = torch.Generator(device=rt.device).manual_seed(seed)
+    texts = complete(
+        c.model,
+        c.tokenizer,
+        [prompts[i] for i in order],
+        cfg,
+        rt=rt,
+        generator=gen,
+        stop_ids=[c.tokenizer.eos_id, c.tokenizer.end_id],
+        batch_size=batch_size,
+    )
+    out = [""] * len(prompts)
+    for i, t in zip(order, texts, strict=True):
+        out[i] = t.strip()
+    return out

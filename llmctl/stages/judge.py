@@ -1,0 +1,260 @@
+"""eval judge: two checkpoints + prompts -> eval artifact with A's win/tie/loss rates against B.
+
+Both checkpoints answer every prompt through the chat template (core/completions.chat_answers,
+batched KV-cache sampling, one seed). The judge is either a reward-model checkpoint (`--judge-rm`:
+higher reward wins, a difference within `--tie-epsilon` is a tie) or an OpenAI-compatible chat
+endpoint (`--judge-url` + `--judge-model`, MT-Bench's pairwise prompt; core/judges.py). Which
+answer is shown first is a seeded coin flip per prompt, recorded with each judgment, so a judge
+that prefers the first position helps both models equally; the share of decisive verdicts won by
+the first-shown answer is reported as the measured position bias. Rates come with Wilson 95%
+intervals (core/winrate.py). Writes results.json and judgments.jsonl (prompt, both answers, order,
+verdict, winner, rewards or the judge's reply).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from llmctl.core.artifacts import Manifest, check_output, commit_output, input_record
+from llmctl.core.chatdata import load_prompts
+from llmctl.core.checkpoint import load_checkpoint
+from llmctl.core.completions import chat_answers
+from llmctl.core.config import require, to_dict
+from llmctl.core.errors import InputError
+from llmctl.core.judges import HttpJudge, RewardJudge, Verdict
+from llmctl.core.progress import SILENT, Progress
+from llmctl.core.runtime import Runtime
+from llmctl.core.sampling import SamplingConfig
+from llmctl.core.winrate import position_bias, random_swaps, shown_to_model, win_report
+
+RESULTS = "results.json"
+JUDGMENTS = "judgments.jsonl"
+
+
+@dataclass(frozen=True, kw_only=True)
+class JudgeConfig:
+    """Settings of `llmctl eval judge`."""
+
+    judge_rm: str = ""  # reward-model checkpoint as the judge
+    judge_url: str = ""  # or: base URL of an OpenAI-compatible API (.../v1)
+    judge_model: str = ""  # the model name to ask at judge_url
+    api_key_env: str = ""  # environment variable holding the endpoint's API key (never stored)
+    tie_epsilon: float = 0.0  # reward-model judge: |reward A - reward B| <= this is a tie
+    max_new_tokens: int = 128  # tokens per answer
+    temperature: float = 0.7  # answer sampling (0 = greedy)
+    top_p: float = 0.95
+    limit: int = 0  # first N prompts only (0 = all)
+    batch_size: int = 16  # answers generated per forward pass
+    timeout_s: float = 60.0  # per judge request
+    device: str = "auto"  # auto, cpu, cuda, cuda:N, mps
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    seed: int = 0  # answer sampling and answer order
+
+    def __post_init__(self) -> None:
+        require(
+            bool(self.judge_rm) != bool(self.judge_url),
+            "pass exactly one judge: --judge-rm RM_CKPT or --judge-url URL --judge-model NAME",
+        )
+        require(
+            not self.judge_url or bool(self.judge_model), "--judge-url needs --judge-model NAME"
+        )
+        require(self.tie_epsilon >= 0, f"--tie-epsilon must be >= 0, got {self.tie_epsilon}")
+        require(self.limit >= 0, f"--limit must be >= 0, got {self.limit}")
+        require(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
+        _ = self.sampling
+
+    @property
+    def sampling(self) -> SamplingConfig:
+        """How answers are sampled."""
+        return SamplingConfig(
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature,
+            top_k=0,
+            top_p=self.top_p,
+        )
+
+
+def question_text(messages: Sequence[dict[str, str]]) -> str:
+    """A conversation as the judge (or a rater) reads it: the user message, or 'role: text' lines."""
+    if len(messages) == 1:
+        return messages[0]["content"]
+    return "\n\n".join(f"{m['role']}: {m['content']}" for m in messages)
+
+
+def answer_both(
+    ckpt_a: Path,
+    ckpt_b: Path,
+    conversations: Sequence[Sequence[dict[str, str]]],
+    sampling: SamplingConfig,
+    *,
+    device: str = "auto",
+    precision: str = "auto",
+    seed: int = 0,
+    batch_size: int = 16,
+    progress: Progress = SILENT,
+) -> tuple[list[str], list[str]]:
+    """Each checkpoint's answer to every conversation (one model in memory at a time)."""
+    rt = Runtime.detect(device, precision)  # type: ignore[arg-type]
+    out = []
+    for name, ckpt in (("A", ckpt_a), ("B", ckpt_b)):
+        c = load_checkpoint(ckpt, device=rt.device)
+        progress.start(f"answers {name}", None)
+        out.append(
+            chat_answers(c, conversations, sampling, rt=rt, seed=seed, batch_size=batch_size)
+        )
+        progress.stop()
+        del c
+    return out[0], out[1]
+
+
+def make_judge(cfg: JudgeConfig) -> RewardJudge | HttpJudge:
+    """The judge the config names (the API key read from its variable now, to fail early).
+
+    Raises:
+        InputError: The key variable is unset, or the reward model does not load.
+    """
+    if cfg.judge_rm:
+        return RewardJudge(Path(cfg.judge_rm), device="cpu", epsilon=cfg.tie_epsilon)
+    key = None
+    if cfg.api_key_env:
+        key = os.environ.get(cfg.api_key_env)
+        if not key:
+            raise InputError(
+                f"environment variable {cfg.api_key_env} (--api-key-env) is not set",
+                f"export {cfg.api_key_env}=... first",
+            )
+    return HttpJudge(cfg.judge_url, cfg.judge_model, api_key=key, timeout_s=cfg.timeout_s)
+
+
+def judge_answers(
+    conversations: Sequence[Sequence[dict[str, str]]],
+    answers_a: Sequence[str],
+    answers_b: Sequence[str],
+    judge: RewardJudge | HttpJudge,
+    *,
+    seed: int = 0,
+    progress: Progress = SILENT,
+) -> list[dict[str, Any]]:
+    """Judge every pair with a random shown order; one record per prompt."""
+    swaps = random_swaps(len(conversations), seed, "judge/order")
+    rows: list[dict[str, Any]] = []
+    for i, (msgs, a, b, swap) in enumerate(
+        zip(conversations, answers_a, answers_b, swaps, strict=True)
+    ):
+        rows.append(
+            {
+                "index": i,
+                "prompt": question_text(msgs),
+                "answer_a": a,
+                "answer_b": b,
+                "order": "ba" if swap else "ab",
+            }
+        )
+    progress.start("judge", len(rows), "prompts")
+    if isinstance(judge, RewardJudge):
+        ra = judge.scores(conversations, answers_a)
+        rb = judge.scores(conversations, answers_b)
+        for row, x, y in zip(rows, ra, rb, strict=True):
+            first, second = (y, x) if row["order"] == "ba" else (x, y)
+            _record(row, judge.verdict(first, second))
+            row |= {"reward_a": x, "reward_b": y}
+        progress.advance(len(rows))
+    else:
+        for row in rows:
+            shown = (row["answer_b"], row["answer_a"]) if row["order"] == "ba" else (
+                row["answer_a"], row["answer_b"])  # fmt: skip
+            verdict, reply = judge.judge(row["prompt"], *shown)
+            _record(row, verdict)
+            row["judge_reply"] = reply
+            progress.advance(1)
+    progress.stop()
+    return rows
+
+
+def _record(row: dict[str, Any], verdict: Verdict) -> None:
+    row["verdict"] = verdict  # about the shown order: first, second, tie (None = unreadable)
+    row["winner"] = shown_to_model(verdict, row["order"] == "ba")
+
+
+def report(rows: Sequence[dict[str, Any]], choice_key: str = "verdict") -> dict[str, Any]:
+    """The win-rate report of judged rows, plus the order counts and the measured position bias."""
+    return {
+        **win_report([r["winner"] for r in rows]),
+        "order": {o: sum(r["order"] == o for r in rows) for o in ("ab", "ba")},
+        "first_shown_won": position_bias([r[choice_key] for r in rows]),
+    }
+
+
+def run(
+    prompts: str | Path,
+    ckpt_a: Path,
+    ckpt_b: Path,
+    dst: Path,
+    cfg: JudgeConfig,
+    *,
+    force: bool = False,
+    progress: Progress = SILENT,
+) -> Manifest:
+    """Answer the prompts with both checkpoints, judge each pair, write the win-rate report.
+
+    Raises:
+        InputError: Unreadable prompts, a bad checkpoint or reward model, an unset key variable,
+            an unreachable or non-OpenAI judge endpoint.
+    """
+    check_output(dst, force)
+    judge = make_judge(cfg)
+    items, _ = load_prompts(prompts)
+    items = items[: cfg.limit] if cfg.limit else items
+    if not items:
+        raise InputError(f"{prompts} holds no prompts", "pass a file with a 'prompt' column")
+    convs = [p.messages for p in items]
+    answers_a, answers_b = answer_both(
+        ckpt_a, ckpt_b, convs, cfg.sampling, device=cfg.device, precision=cfg.precision,
+        seed=cfg.seed, batch_size=cfg.batch_size, progress=progress,
+    )  # fmt: skip
+    rows = judge_answers(convs, answers_a, answers_b, judge, seed=cfg.seed, progress=progress)
+    results = {
+        **report(rows),
+        "a": str(ckpt_a),
+        "b": str(ckpt_b),
+        "judge": cfg.judge_rm or f"{cfg.judge_model} @ {cfg.judge_url}",
+    }
+    inputs = [input_record(prompts, "prompts"), input_record(ckpt_a, "checkpoint")]
+    inputs += [input_record(ckpt_b, "checkpoint")]
+    if cfg.judge_rm:
+        inputs.append(input_record(cfg.judge_rm, "checkpoint"))
+    with commit_output(
+        dst, kind="eval", stage="eval-judge", config=to_dict(cfg), inputs=inputs, force=force
+    ) as out:
+        write_report(out.path, results, rows)
+        out.manifest.counts = {"prompts": len(rows), "judged": results["n"]}
+        out.manifest.stats = summary_stats(results)
+    return out.manifest
+
+
+def write_report(directory: Path, results: dict[str, Any], rows: Sequence[dict[str, Any]]) -> None:
+    """results.json and judgments.jsonl."""
+    (directory / RESULTS).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    with open(directory / JUDGMENTS, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
+def summary_stats(results: dict[str, Any]) -> dict[str, Any]:
+    """The manifest's flat stats: counts, each rate with its interval, position bias."""
+    out: dict[str, Any] = {k: results[k] for k in ("a_wins", "ties", "b_wins", "invalid")}
+    for k in ("win_rate", "tie_rate", "loss_rate"):
+        out[k] = results[k]["value"]
+        out[f"{k}_ci95"] = results[k]["ci95"]
+    out["first_shown_won"] = results["first_shown_won"]
+    return out
+
+
+def read_results(directory: Path) -> dict[str, Any]:
+    """The results.json of a judge or human-import artifact."""
+    return json.loads((Path(directory) / RESULTS).read_text(encoding="utf-8"))
