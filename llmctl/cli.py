@@ -2042,6 +2042,99 @@ def lm_eval_passthrough(ctx: typer.Context) -> None:
     raise typer.Exit(stage.lm_eval_cli(list(ctx.args)))
 
 
+# -- run report and reproduction -------------------------------------------------------------------
+
+
+@app.command(
+    epilog="Example: llmctl report out/   |   llmctl report out/ -o out/REPORT.md --samples"
+)
+@handle_errors
+def report(
+    run_dir: Annotated[
+        Path, typer.Argument(help="A run's output folder (artifacts anywhere below).")
+    ],
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", help="Markdown file (default RUN_DIR/REPORT.md)."),
+    ] = None,
+    samples: Annotated[
+        bool | None,
+        typer.Option(
+            "--samples/--no-samples",
+            help="Generate answers from base, SFT and aligned checkpoints.",
+        ),
+    ] = None,
+    prompt: Annotated[
+        list[str] | None, typer.Option(help="Prompt for --samples (repeatable).")
+    ] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(help="Tokens per generated sample.")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Write a markdown report with PNG plots of a whole run, from the artifacts on disk.
+
+    Data funnel and removal reasons, tokenizer statistics, training curves (loss, lr, grad norm,
+    tokens/s; PPO reward and KL), eval tables, samples before and after alignment, time per stage and
+    the environment. Stages that did not run are listed as "not run".
+    """
+    from llmctl.stages import report as stage
+
+    cfg = make_config(
+        stage.ReportConfig,
+        config,
+        "report",
+        samples=samples,
+        prompts=tuple(prompt) if prompt else None,
+        max_new_tokens=max_new_tokens,
+    )
+    path = stage.run(run_dir, output, cfg, progress=progress())
+    err.print(f"report: {path}") if not STATE.quiet else None
+    out.print(str(path), markup=False, highlight=False)
+
+
+@app.command(
+    epilog="Example: llmctl reproduce out/web-dedup   |   llmctl reproduce out/tokens/manifest.json --run"
+)
+@handle_errors
+def reproduce(
+    artifact: Annotated[Path, typer.Argument(help="Artifact directory or its manifest.json.")],
+    run: Annotated[
+        bool, typer.Option("--run", help="Run the command and compare the content fingerprints.")
+    ] = False,
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", help="Where --run writes (default ARTIFACT.reproduced)."),
+    ] = None,
+    force: ForceOpt = False,
+) -> None:
+    """Print the command that re-makes an artifact from its manifest's resolved config.
+
+    The config goes into ARTIFACT.reproduce.toml next to the artifact. With --run the command runs
+    into a new directory; exit 1 if its content fingerprint differs from the original's.
+    """
+    from llmctl.stages import reproduce as stage
+
+    recipe = stage.plan(artifact, output)
+    stage.write_config(recipe)
+    for w in recipe.warnings:
+        err.print(f"[yellow]warning:[/yellow] {escape(w)}", highlight=False)
+    out.print(recipe.command, markup=False, highlight=False, soft_wrap=True)
+    if not run:
+        return
+    m = stage.run(recipe, force=force)
+    same = m.fingerprint == recipe.manifest.fingerprint
+    summary(
+        f"reproduce {recipe.artifact.name}",
+        {
+            "original": recipe.manifest.fingerprint[:16],
+            "reproduced": m.fingerprint[:16],
+            "identical": same,
+        },
+    )
+    if not same:
+        err.print("[bold red]error:[/bold red] the reproduced artifact differs from the original")
+        raise typer.Exit(1)
+
+
 # -- stages that later releases add ----------------------------------------------------------------
 
 PLANNED: dict[str, str] = {}  # name -> what it will do; each gets a stub that exits 2
