@@ -921,6 +921,12 @@ def pretrain(
     compile: Annotated[
         bool | None, typer.Option("--compile/--no-compile", help="torch.compile the model.")
     ] = None,
+    parallel: Annotated[
+        str | None,
+        typer.Option(
+            help="Under torchrun: ddp (replicated model) or fsdp (sharded, ZeRO-3); none alone."
+        ),
+    ] = None,
     resume: Annotated[
         bool,
         typer.Option("--resume", help="Continue from the newest checkpoint in OUTPUT.partial/."),
@@ -933,7 +939,9 @@ def pretrain(
     AdamW with warmup + cosine decay, gradient accumulation, clipping, bf16 autocast where supported.
     Checkpoints go to OUTPUT.partial/checkpoints/ while training; at the end the final checkpoint,
     metrics.jsonl and loss.png land in OUTPUT. Interrupted or crashed? Re-run with --resume.
+    Several processes: torchrun --nproc_per_node N -m llmctl pretrain ... --parallel ddp|fsdp.
     """
+    from llmctl.core.distributed import is_main_process
     from llmctl.stages import pretrain as stage
 
     entries = tuple(tokens or ()) + tuple(data or ())
@@ -966,7 +974,11 @@ def pretrain(
         device=device,
         precision=precision,
         compile=compile,
+        parallel=parallel,
     )
+    if not is_main_process():  # rank 0 alone prints
+        stage.run(output, cfg, force=force, resume=resume)
+        return
     show_config(cfg)
     m = stage.run(output, cfg, force=force, resume=resume, progress=progress())
     rows = {

@@ -67,7 +67,7 @@ def save_checkpoint(
     model: Transformer,
     tokenizer: Tokenizer,
     *,
-    optimizer: torch.optim.Optimizer | None = None,
+    optimizer: torch.optim.Optimizer | dict[str, Any] | None = None,
     trainer_state: dict[str, Any] | None = None,
     manifest: Manifest | None = None,
     extra_config: dict[str, Any] | None = None,
@@ -81,7 +81,8 @@ def save_checkpoint(
         path: Target directory.
         model: The model (unwrapped).
         tokenizer: Its tokenizer.
-        optimizer: Saved with `trainer_state` for exact resume.
+        optimizer: Saved with `trainer_state` for exact resume (or its `state_dict()`, e.g. one
+            gathered from shards by `parallel.full_optimizer_state`).
         trainer_state: JSON-able resume state (step, tokens, ...).
         manifest: Written last; a default "checkpoint" manifest if None.
         extra_config: Merged into config.json (e.g. {"head": "reward"} for later stages).
@@ -131,7 +132,7 @@ def write_checkpoint_files(
     model: Transformer,
     tokenizer: Tokenizer,
     *,
-    optimizer: torch.optim.Optimizer | None = None,
+    optimizer: torch.optim.Optimizer | dict[str, Any] | None = None,
     trainer_state: dict[str, Any] | None = None,
     extra_config: dict[str, Any] | None = None,
     weights: dict[str, torch.Tensor] | None = None,
@@ -164,8 +165,10 @@ def write_checkpoint_files(
         (directory / STATE_JSON).write_text(json.dumps(state, indent=2) + "\n")
 
 
-def _pack_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    sd = opt.state_dict()
+def _pack_optimizer(
+    opt: torch.optim.Optimizer | dict[str, Any],
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    sd = opt if isinstance(opt, dict) else opt.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
     for idx, st in sd["state"].items():
@@ -291,6 +294,20 @@ def load_trainer_state(path: Path, optimizer: torch.optim.Optimizer | None) -> d
     if "rng.torch_cpu" in tensors:
         torch.set_rng_state(tensors["rng.torch_cpu"])
     return meta
+
+
+def read_optimizer_state(path: Path) -> dict[str, Any] | None:
+    """A checkpoint's optimizer state as `optimizer.state_dict()` gave it (None when not stored),
+    for loaders that do not hold a plain optimizer (`parallel.load_optimizer_state`).
+
+    Raises:
+        InputError: The trainer state files are missing or corrupt.
+    """
+    path = Path(path)
+    meta = load_trainer_state(path, None)
+    if not meta.get("optimizer"):
+        return None
+    return _unpack_optimizer(load_file(str(path / STATE_TENSORS), device="cpu"), meta["optimizer"])
 
 
 def load_extra_tensors(path: Path) -> dict[str, torch.Tensor]:

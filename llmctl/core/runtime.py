@@ -1,18 +1,20 @@
 """The Runtime value: device, precision, rank and world size, passed explicitly to whatever needs it.
 
 Nothing here runs at import. `Runtime.detect()` reads torchrun's environment (RANK, WORLD_SIZE,
-LOCAL_RANK) when present, so the same code runs in one process or under `torchrun`; the distributed
-wrappers themselves arrive with the scale-out work and live in `core/parallel.py`.
+LOCAL_RANK, through `core/distributed.py`) when present, so the same code runs in one process or
+under `torchrun`; the process group is `distributed.process_group`, the model wrappers live in
+`core/parallel.py`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
+
+from llmctl.core.distributed import launch_env
 
 Precision = Literal["auto", "fp32", "bf16"]
 
@@ -48,9 +50,7 @@ class Runtime:
     def detect(cls, device: str = "auto", precision: Precision = "auto") -> Runtime:
         """Choose the device (cuda > mps > cpu) and precision (bf16 where the hardware does it
         natively: CUDA with bf16 support, or a CPU with AVX512-BF16/AMX; else fp32)."""
-        rank = int(os.environ.get("RANK", 0))
-        world = int(os.environ.get("WORLD_SIZE", 1))
-        local = int(os.environ.get("LOCAL_RANK", 0))
+        rank, world, local = launch_env()
         if device == "auto":
             if torch.cuda.is_available():
                 device = f"cuda:{local}"

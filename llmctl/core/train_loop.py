@@ -6,6 +6,12 @@ loss divided by `grad_accum` before backward; gradient-norm clipping; a non-fini
 norm stops the run *before* the optimizer step, so the last saved checkpoint is the last good state;
 optimizer step; metrics appended to `metrics.jsonl`. A checkpoint is written before any evaluation,
 so an evaluation that fails (out of memory, say) never costs trained steps.
+
+Several processes (DDP or FSDP, `core/parallel.py`): every rank runs this same loop on its own rows;
+DDP all-reduces gradients only on the last micro-batch of a step, the logged loss is the mean over
+ranks, and the gradient norm is the global one, so every rank takes the same stop decision. `save`
+and `evaluate` are called on every rank (under FSDP they gather weights); the caller passes
+`metrics_path` and a progress reporter on rank 0 only.
 """
 
 from __future__ import annotations
@@ -21,8 +27,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from llmctl.core.distributed import active, mean_over_ranks
 from llmctl.core.errors import TrainingError
 from llmctl.core.optim import lr_at
+from llmctl.core.parallel import grad_sync
 from llmctl.core.progress import SILENT, Progress
 from llmctl.core.runtime import Runtime
 
@@ -128,13 +136,16 @@ def train(
             loss_sum = torch.zeros((), device=runtime.device)
             for micro in range(schedule.grad_accum):
                 mb = batch(step, micro)
-                with runtime.autocast():
-                    loss = loss_fn(model, mb) / schedule.grad_accum
-                loss.backward()
+                with grad_sync(model, micro == schedule.grad_accum - 1):
+                    with runtime.autocast():
+                        loss = loss_fn(model, mb) / schedule.grad_accum
+                    loss.backward()
                 loss_sum += loss.detach()
             clip = schedule.grad_clip if schedule.grad_clip > 0 else float("inf")
-            norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
-            last_loss = float(loss_sum)
+            norm_t = torch.nn.utils.clip_grad_norm_(params, clip)
+            # Sharded (FSDP) gradients give a DTensor norm: its full value is the global norm.
+            norm = float(norm_t.full_tensor() if hasattr(norm_t, "full_tensor") else norm_t)
+            last_loss = float(mean_over_ranks(loss_sum))
             if not (math.isfinite(last_loss) and math.isfinite(norm)):
                 where = f"; the last good checkpoint is {last_saved}" if last_saved else ""
                 raise TrainingError(
@@ -189,7 +200,8 @@ def train(
                 )
     except KeyboardInterrupt:
         # Keep what was trained: a checkpoint at the last completed step, then let the CLI explain.
-        if completed > saved_at:
+        # (Not with several ranks: a save is collective, and the other ranks may be gone already.)
+        if completed > saved_at and not active():
             save(completed)
         raise
     finally:

@@ -8,10 +8,18 @@ the hardware has it. Run directory while training: `<out>.partial/` with `checkp
 `save_every` steps and `metrics.jsonl`; at the end the final checkpoint, `loss.png` and the manifest
 are written and the directory is renamed to `<out>`. `--resume` continues from the newest checkpoint
 in `<out>.partial/` and reproduces the uninterrupted run's losses exactly.
+
+Several processes (`torchrun --nproc_per_node N -m llmctl pretrain ... --parallel ddp|fsdp`): each
+rank trains on its own rows of every step's batch (`--micro-batch` is per rank; `--batch-tokens` is
+global), the model is wrapped by `core/parallel.py`, and rank 0 alone writes metrics, checkpoints and
+the manifest. Checkpoints are always the one-file format, gathered from the shards under FSDP, so a
+run resumes on another number of ranks as long as micro-batch x ranks stays the same (the rows each
+micro-step draws).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
 import time
@@ -21,15 +29,24 @@ from typing import Literal
 
 import torch
 
-from llmctl.core.artifacts import Manifest, commit_output, input_record, is_artifact, partial_path
+from llmctl.core.artifacts import (
+    Manifest,
+    Output,
+    commit_output,
+    input_record,
+    is_artifact,
+    partial_path,
+)
 from llmctl.core.batches import Source, WindowSampler, val_windows
 from llmctl.core.checkpoint import (
     load_checkpoint,
     load_trainer_state,
+    read_optimizer_state,
     save_checkpoint,
     write_checkpoint_files,
 )
 from llmctl.core.config import require, to_dict
+from llmctl.core.distributed import barrier, process_group
 from llmctl.core.errors import ConfigError, InputError
 from llmctl.core.model import (
     ModelConfig,
@@ -40,6 +57,12 @@ from llmctl.core.model import (
     preset,
 )
 from llmctl.core.optim import make_adamw
+from llmctl.core.parallel import (
+    full_model_state,
+    full_optimizer_state,
+    load_optimizer_state,
+    wrap,
+)
 from llmctl.core.plots import plot_metrics
 from llmctl.core.progress import SILENT, Progress
 from llmctl.core.runtime import Runtime
@@ -111,6 +134,9 @@ class PretrainConfig:
         "auto"  # auto = bf16 where the hardware supports it
     )
     compile: bool = False  # torch.compile the model
+    parallel: Literal["none", "ddp", "fsdp"] = (
+        "none"  # with several processes (torchrun): ddp = replicate, fsdp = shard (ZeRO-3)
+    )
     seed: int = 0  # initialisation and data order
 
     def __post_init__(self) -> None:
@@ -125,6 +151,10 @@ class PretrainConfig:
             f"--max-steps must be >= 1, got {self.max_steps}",
         )
         require(self.warmup_steps >= 0, f"--warmup-steps must be >= 0, got {self.warmup_steps}")
+        require(
+            self.parallel in ("none", "ddp", "fsdp"),
+            f"--parallel must be none, ddp or fsdp, got {self.parallel!r}",
+        )
         require(
             self.keep_checkpoints >= 1,
             f"--keep-checkpoints must be >= 1, got {self.keep_checkpoints}",
@@ -263,12 +293,30 @@ def run(
 ) -> Manifest:
     """Train a model on tokens artifacts and write the final checkpoint to `dst`.
 
+    Under torchrun every rank calls this; all return the same manifest, written by rank 0.
+
     Raises:
         InputError: Bad data or checkpoint; ConfigError: inconsistent settings;
         TrainingError: the loss became non-finite (the last checkpoint stays in `<dst>.partial`).
     """
-    dst = Path(dst)
     rt = runtime or Runtime.detect(cfg.device, cfg.precision)
+    if rt.world_size > 1 and cfg.parallel == "none":
+        raise ConfigError(
+            f"{rt.world_size} processes but --parallel none: each would train its own copy",
+            "pass --parallel ddp (replicated) or --parallel fsdp (sharded)",
+        )
+    with process_group(rt):
+        m = _run(Path(dst), cfg, rt, force=force, resume=resume, progress=progress)
+        barrier()  # the other ranks return once rank 0 has renamed the output into place
+        return m if rt.is_main else Manifest.read(Path(dst))
+
+
+def _run(
+    dst: Path, cfg: PretrainConfig, rt: Runtime, *, force: bool, resume: bool, progress: Progress
+) -> Manifest:
+    mode = cfg.parallel if rt.world_size > 1 else "none"
+    if not rt.is_main:
+        progress = SILENT
     data = _open_data(cfg)
     p = plan(cfg, data.tokenizer.vocab_size, rt.world_size)
     torch.manual_seed(cfg.seed)
@@ -291,25 +339,34 @@ def run(
     else:
         model = Transformer(p["model"]).to(rt.device)
     mcfg: ModelConfig = model.cfg
-    opt = make_adamw(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
     run_dir = partial_path(dst)
     start, resumed_from = 0, None
     if resume:
-        start, resumed_from = _resume(run_dir, cfg, model, opt, rt)
-    with commit_output(
-        dst,
-        kind="checkpoint",
-        stage="pretrain",
-        config=to_dict(cfg),
-        inputs=data.inputs,
-        force=force,
-        keep_partial_on_error=True,
-        fresh=not resume,
-    ) as out:
-        (out.path / "checkpoints").mkdir(exist_ok=True)
+        start, resumed_from = _resume(run_dir, cfg, model, rt)  # weights: into the whole model
+    wrapped = wrap(model, mode, rt)  # FSDP shards `model` in place; DDP returns a wrapper
+    opt = make_adamw(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
+    if resumed_from is not None:
+        load_optimizer_state(model, opt, read_optimizer_state(resumed_from))
+    writing = (
+        commit_output(
+            dst,
+            kind="checkpoint",
+            stage="pretrain",
+            config=to_dict(cfg),
+            inputs=data.inputs,
+            force=force,
+            keep_partial_on_error=True,
+            fresh=not resume,
+        )
+        if rt.is_main
+        else contextlib.nullcontext(Output(run_dir, Manifest(kind="checkpoint", stage="pretrain")))
+    )
+    with writing as out:
         metrics = out.path / "metrics.jsonl"
-        if resume:
-            truncate_metrics(metrics, start)
+        if rt.is_main:
+            (out.path / "checkpoints").mkdir(exist_ok=True)
+            if resume:
+                truncate_metrics(metrics, start)
         val_sets = [
             (name, w, val_windows(ds, cfg.seq_len, cfg.eval_rows)) for name, w, ds in data.val
         ]
@@ -318,7 +375,7 @@ def run(
             progress.log(
                 "no validation tokens (tokenize with a larger --val-fraction): validation is skipped"
             )
-        train_model = torch.compile(model) if cfg.compile else model
+        train_model = torch.compile(wrapped) if cfg.compile else wrapped
         schedule = Schedule(
             total_steps=p["steps"],
             grad_accum=p["grad_accum"],
@@ -339,6 +396,10 @@ def run(
 
         def save(done: int) -> Path:
             path = out.path / "checkpoints" / f"step-{done:07d}"
+            # Collective under FSDP (all ranks gather); rank 0 alone writes.
+            weights, opt_state = full_model_state(model), full_optimizer_state(model, opt)
+            if not rt.is_main:
+                return path
             m = Manifest(
                 kind="checkpoint",
                 stage="pretrain",
@@ -350,9 +411,10 @@ def run(
                 path,
                 model,
                 data.tokenizer,
-                optimizer=opt,
+                optimizer=opt_state,
+                weights=weights,
                 manifest=m,
-                trainer_state={"step": done, "config": to_dict(cfg)},
+                trainer_state=_trainer_state(done, cfg, rt),
             )
             for old in sorted((out.path / "checkpoints").glob("step-*"))[: -cfg.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -385,15 +447,19 @@ def run(
             loss_fn=lm_loss,
             save=save,
             evaluate=evaluate if val_sets else None,
-            metrics_path=metrics,
+            metrics_path=metrics if rt.is_main else None,
             progress=progress,
         )
+        weights, opt_state = full_model_state(model), full_optimizer_state(model, opt)
+        if not rt.is_main:
+            return out.manifest
         write_checkpoint_files(
             out.path,
             model,
             data.tokenizer,
-            optimizer=opt,
-            trainer_state={"step": result.step, "config": to_dict(cfg)},
+            optimizer=opt_state,
+            weights=weights,
+            trainer_state=_trainer_state(result.step, cfg, rt),
         )
         records = read_metrics(metrics)
         plot_metrics(
@@ -428,8 +494,12 @@ def lm_loss(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) ->
     return model(x, targets=y)
 
 
+def _trainer_state(step: int, cfg: PretrainConfig, rt: Runtime) -> dict:
+    return {"step": step, "config": to_dict(cfg), "world_size": rt.world_size}
+
+
 def _resume(
-    run_dir: Path, cfg: PretrainConfig, model: Transformer, opt: torch.optim.Optimizer, rt: Runtime
+    run_dir: Path, cfg: PretrainConfig, model: Transformer, rt: Runtime
 ) -> tuple[int, Path]:
     ckpt = latest_checkpoint(run_dir) if run_dir.is_dir() else None
     if ckpt is None:
@@ -443,10 +513,27 @@ def _resume(
             "resume with the original flags",
         )
     model.load_state_dict(loaded.model.state_dict())
-    state = load_trainer_state(ckpt, opt)
+    state = load_trainer_state(ckpt, None)  # the optimizer is loaded once the model is wrapped
     saved = state.get("config", {})
     names = {f.name for f in fields(PretrainConfig)}
-    diff = [k for k in TRAJECTORY if k in names and k in saved and to_dict(cfg)[k] != saved[k]]
+    # micro_batch is per rank: what fixes the rows of a micro-step is micro_batch x ranks.
+    diff = [
+        k
+        for k in TRAJECTORY
+        if k in names and k in saved and k != "micro_batch" and to_dict(cfg)[k] != saved[k]
+    ]
+    rows_then = saved.get("micro_batch", cfg.micro_batch) * state.get("world_size", 1)
+    if rows_then != cfg.micro_batch * rt.world_size:
+        raise ConfigError(
+            f"--resume with {rt.world_size} rank(s) x --micro-batch {cfg.micro_batch}: the run "
+            f"was saved with {state.get('world_size', 1)} x {saved.get('micro_batch')} rows per micro-step",
+            f"keep micro-batch x ranks = {rows_then}"
+            + (
+                f": --micro-batch {rows_then // rt.world_size}"
+                if rows_then % rt.world_size == 0
+                else ""
+            ),
+        )
     if diff:
         raise ConfigError(
             f"--resume with different settings than the run being resumed: {', '.join(diff)}",

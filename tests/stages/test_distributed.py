@@ -1,0 +1,124 @@
+"""pretrain on 2 processes (torchrun, gloo on CPU): DDP and FSDP reproduce the single-process run
+with the same global batch; checkpoints move between world sizes; a dying rank fails the job.
+
+Two torchrun launches in all (each costs 10-20 s of start-up here); `_dist_worker.py` runs the
+multi-process side, the single-process references run in this process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from llmctl.core.artifacts import partial_path
+from llmctl.core.checkpoint import load_checkpoint
+from llmctl.core.config import to_dict
+from llmctl.core.errors import ConfigError
+from llmctl.core.train_loop import read_metrics
+from llmctl.stages import pretrain
+
+WORKER = Path(__file__).with_name("_dist_worker.py")
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+# 2 ranks x 4 rows x 32 tokens = 256 per micro-step: 2 micro-steps (DDP's no_sync) per 512-token
+# step; a tight clip so that clipping acts on the (sharded) gradients; checkpoints at 3 and 5.
+SETTINGS = {
+    "batch_tokens": 512,
+    "micro_batch": 4,
+    "grad_clip": 0.5,
+    "max_steps": 5,
+    "save_every": 3,
+}
+
+pytestmark = pytest.mark.skipif(not TORCHRUN.is_file(), reason="torchrun not installed")
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r}
+
+
+def torchrun(cfg: pretrain.PretrainConfig, scenario: str, out: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LLMCTL_DIST_TIMEOUT": "60"}
+    cmd = [str(TORCHRUN), "--standalone", "--nproc_per_node", "2", str(WORKER), scenario]
+    return subprocess.run(
+        [*cmd, str(out), json.dumps(to_dict(cfg))],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=240,
+        cwd=Path(__file__).parents[2],
+    )
+
+
+def copy_checkpoint(run: Path, step: int, to: Path) -> None:
+    """Put `run`'s checkpoint of `step` where `pretrain --resume -o to` looks for it."""
+    name = f"step-{step:07d}"
+    shutil.copytree(run / "checkpoints" / name, partial_path(to) / "checkpoints" / name)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory, tokens_dir: Path, tiny_pretrain) -> Path:
+    """OUT/ref (one process, 8 rows per micro-step) and, from one torchrun launch with 4 rows on
+    each of 2 ranks, OUT/ddp, OUT/fsdp and OUT/resume2."""
+    out = tmp_path_factory.mktemp("dist")
+    pretrain.run(out / "ref", tiny_pretrain(tokens_dir, **{**SETTINGS, "micro_batch": 8}))
+    res = torchrun(tiny_pretrain(tokens_dir, **SETTINGS), "train", out)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out
+
+
+@pytest.mark.slow  # one torchrun launch: DDP, FSDP and a 2-rank resume
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_ranks_match_one_process(runs: Path, mode: str) -> None:
+    ref, par = losses(runs / "ref"), losses(runs / mode)
+    assert sorted(par) == [1, 2, 3, 4, 5]
+    assert max(abs(par[s] - ref[s]) for s in ref) < 1e-4, (ref, par)
+    a = load_checkpoint(runs / "ref").model.state_dict()
+    b = load_checkpoint(runs / mode).model.state_dict()  # FSDP's weights gathered into one file
+    assert a.keys() == b.keys()
+    assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
+    assert json.loads((runs / mode / "trainer_state.json").read_text())["world_size"] == 2
+
+
+@pytest.mark.slow
+def test_fsdp_checkpoint_resumes_on_two_ranks_and_on_one(
+    runs: Path, tokens_dir: Path, tiny_pretrain
+) -> None:
+    ref = losses(runs / "ref")
+    two = losses(runs / "resume2")
+    assert sorted(two) == [4, 5]
+    # One process: the rows per micro-step (micro-batch x ranks) stay 8.
+    one = runs / "resume1"
+    copy_checkpoint(runs / "fsdp", 3, one)
+    m = pretrain.run(one, tiny_pretrain(tokens_dir, **{**SETTINGS, "micro_batch": 8}), resume=True)
+    assert m.stats["resumed_from_step"] == 3
+    one_l = losses(one)
+    for s in (4, 5):
+        assert abs(two[s] - ref[s]) < 1e-4, (s, ref, two)
+        assert abs(one_l[s] - ref[s]) < 1e-4, (s, ref, one_l)
+    # Other rows per micro-step would draw other data: refused, with the fix.
+    copy_checkpoint(runs / "fsdp", 3, runs / "resume1b")
+    with pytest.raises(ConfigError, match="saved with 2 x 4 rows") as e:
+        pretrain.run(runs / "resume1b", tiny_pretrain(tokens_dir, **SETTINGS), resume=True)
+    assert e.value.hint.endswith("--micro-batch 8")
+
+
+@pytest.mark.slow  # one torchrun launch
+def test_a_dying_rank_fails_the_job_and_keeps_the_last_checkpoint(
+    tmp_path: Path, tokens_dir: Path, tiny_pretrain
+) -> None:
+    res = torchrun(tiny_pretrain(tokens_dir, **{**SETTINGS, "max_steps": 8}), "crash", tmp_path)
+    assert res.returncode != 0
+    report = res.stdout + res.stderr
+    assert "ChildFailedError" in report, report[-3000:]
+    assert "rank      : 1 (local_rank: 1)" in report
+    assert "exitcode  : 7" in report
+    assert not (tmp_path / "crash").exists()  # never looks finished
+    ck = partial_path(tmp_path / "crash") / "checkpoints" / "step-0000003"
+    assert load_checkpoint(ck).model_config.n_layers == 2
