@@ -2028,7 +2028,87 @@ def eval_judge(
     )
     show_config(cfg)
     stage.run(prompts, a, b, output, cfg, force=force, progress=progress())
-    _win_table(f"eval judge -> {output}", stage.read_results(output))
+    from llmctl.core.winrate import read_results
+
+    _win_table(f"eval judge -> {output}", read_results(output))
+
+
+@eval_app.command(
+    "human-export",
+    epilog="Example: llmctl eval human-export prompts.jsonl --a runs/ppo --b runs/sft --limit 50 "
+    "-o runs/eval/human   |   send runs/eval/human/raters/ to raters, keep key.json",
+)
+@handle_errors
+def eval_human_export(
+    prompts: Annotated[
+        str, typer.Argument(help="Prompts: JSONL/Parquet/dir with a 'prompt' column (or messages).")
+    ],
+    a: Annotated[Path, typer.Option("--a", help="Checkpoint A.")],
+    b: Annotated[Path, typer.Option("--b", help="Checkpoint B.")],
+    output: OutOpt,
+    max_new_tokens: Annotated[int | None, typer.Option(help="Tokens per answer.")] = None,
+    temperature: Annotated[float | None, typer.Option(help="Answer sampling; 0 = greedy.")] = None,
+    limit: Annotated[int | None, typer.Option(help="First N prompts only (0 = all).")] = None,
+    title: Annotated[str | None, typer.Option(help="Heading of the rating page.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Answers per forward pass.")] = None,
+    device: EvalDeviceOpt = None,
+    precision: EvalPrecisionOpt = None,
+    config: ConfigOpt = None,
+    force: ForceOpt = False,
+) -> None:
+    """Blind side-by-side rating sheets: OUTPUT/raters/rate.html (self-contained page, saves a CSV)
+    and OUTPUT/raters/ratings.csv for raters; OUTPUT/key.json (which answer is whose) stays with you.
+    """
+    from llmctl.stages import human_rating as stage
+
+    cfg = make_config(
+        stage.HumanExportConfig,
+        config,
+        "eval-human-export",
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        limit=limit,
+        title=title,
+        batch_size=batch_size,
+        device=device,
+        precision=precision,
+    )
+    show_config(cfg)
+    m = stage.export_sheets(prompts, a, b, output, cfg, force=force, progress=progress())
+    summary(
+        f"eval human-export -> {output}",
+        {
+            **m.counts,
+            "for raters": str(output / stage.RATERS),
+            "key (keep)": str(output / stage.KEY),
+        },
+    )
+
+
+@eval_app.command(
+    "human-import",
+    epilog="Example: llmctl eval human-import ratings-alice.csv ratings-bob.csv "
+    "runs/eval/human/key.json -o runs/eval/human-results",
+)
+@handle_errors
+def eval_human_import(
+    files: Annotated[
+        list[Path],
+        typer.Argument(help="Filled ratings CSV file(s), then the key.json from human-export."),
+    ],
+    output: OutOpt,
+    force: ForceOpt = False,
+) -> None:
+    """Map raters' CSVs back to the models through the key: the same win/tie/loss report (Wilson 95%
+    intervals) as `eval judge`, in OUTPUT/results.json and OUTPUT/judgments.jsonl.
+    """
+    from llmctl.core.winrate import read_results
+    from llmctl.stages import human_rating as stage
+
+    if len(files) < 2:
+        raise typer.BadParameter("pass at least one ratings CSV and then the key.json")
+    stage.import_ratings(files[:-1], files[-1], output, force=force)
+    _win_table(f"eval human-import -> {output}", read_results(output))
 
 
 @app.command(

@@ -1,7 +1,8 @@
 """Batched text continuation with stop strings, on top of the KV-cache generator (core/sampling.py).
 
 `eval humaneval` (completion-style code) and `eval judge` / `eval human-export` (chat answers) share
-it (`chat_answers`: one reply per conversation through the chat template). A row ends at a stop id (EOS, end-of-turn), a stop string, or the token budget; the text is cut
+it (`chat_answers`: one reply per conversation through the chat template; `answer_both`: two
+checkpoints' replies, for `eval judge` and `eval human-export`). A row ends at a stop id (EOS, end-of-turn), a stop string, or the token budget; the text is cut
 before the first stop string. The continuation is decoded together with its prompt and the decoded
 prompt removed, so SentencePiece's leading-space handling does not eat the first character.
 """
@@ -10,12 +11,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 
-from llmctl.core.checkpoint import Checkpoint
+from llmctl.core.checkpoint import Checkpoint, load_checkpoint
 from llmctl.core.model import Transformer
-from llmctl.core.runtime import Runtime
+from llmctl.core.progress import SILENT, Progress
+from llmctl.core.runtime import Precision, Runtime
 from llmctl.core.sampling import SamplingConfig, stream
 from llmctl.core.tokenizer import Tokenizer
 
@@ -134,3 +137,36 @@ def chat_answers(
     for i, t in zip(order, texts, strict=True):
         out[i] = t.strip()
     return out
+
+
+def question_text(messages: Sequence[dict[str, str]]) -> str:
+    """A conversation as the judge (or a rater) reads it: the user message, or 'role: text' lines."""
+    if len(messages) == 1:
+        return messages[0]["content"]
+    return "\n\n".join(f"{m['role']}: {m['content']}" for m in messages)
+
+
+def answer_both(
+    ckpt_a: Path,
+    ckpt_b: Path,
+    conversations: Sequence[Sequence[dict[str, str]]],
+    sampling: SamplingConfig,
+    *,
+    device: str = "auto",
+    precision: Precision = "auto",
+    seed: int = 0,
+    batch_size: int = 16,
+    progress: Progress = SILENT,
+) -> tuple[list[str], list[str]]:
+    """Each checkpoint's answer to every conversation (one model in memory at a time)."""
+    rt = Runtime.detect(device, precision)
+    out = []
+    for name, ckpt in (("A", ckpt_a), ("B", ckpt_b)):
+        c = load_checkpoint(ckpt, device=rt.device)
+        progress.start(f"answers {name}", None)
+        out.append(
+            chat_answers(c, conversations, sampling, rt=rt, seed=seed, batch_size=batch_size)
+        )
+        progress.stop()
+        del c
+    return out[0], out[1]

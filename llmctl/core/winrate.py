@@ -1,5 +1,9 @@
 """Pairwise win rates with 95% confidence intervals, shared by `eval judge` and `eval human-import`.
 
+Also the seeded coin that decides which answer is shown first, the mapping of a choice about the
+shown order back to the models, and the report files (results.json, judgments.jsonl) that
+`eval judge` and `eval human-import` both write.
+
 Outcomes are from model A's side: "a" (A better), "b" (B better), "tie". Each rate gets a Wilson
 score interval (Wilson, 1927), which, unlike the normal approximation, stays inside [0, 1] and is
 sensible for small n and rates near 0 or 1. Unparsable or skipped judgments are counted but not
@@ -8,14 +12,18 @@ part of n.
 
 from __future__ import annotations
 
+import json
 import math
 import random
 from collections import Counter
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
 OUTCOMES = ("a", "tie", "b")
+RESULTS = "results.json"
+JUDGMENTS = "judgments.jsonl"
 
 
 def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float]:
@@ -78,3 +86,36 @@ def position_bias(choices: Sequence[str | None]) -> float | None:
     """Share of decisive choices that went to the answer shown first (0.5 = no position bias)."""
     decisive = [c for c in choices if c in ("first", "second")]
     return sum(c == "first" for c in decisive) / len(decisive) if decisive else None
+
+
+def pairwise_report(rows: Sequence[dict[str, Any]], choice_key: str = "verdict") -> dict[str, Any]:
+    """Win rates of rows holding "winner", "order" ("ab"/"ba") and the choice about the shown
+    order (`choice_key`), plus the order counts and the measured position bias."""
+    return {
+        **win_report([r["winner"] for r in rows]),
+        "order": {o: sum(r["order"] == o for r in rows) for o in ("ab", "ba")},
+        "first_shown_won": position_bias([r[choice_key] for r in rows]),
+    }
+
+
+def write_report(directory: Path, results: dict[str, Any], rows: Sequence[dict[str, Any]]) -> None:
+    """results.json and judgments.jsonl."""
+    (directory / RESULTS).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    with open(directory / JUDGMENTS, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
+def summary_stats(results: dict[str, Any]) -> dict[str, Any]:
+    """The manifest's flat stats: counts, each rate with its interval, position bias."""
+    out: dict[str, Any] = {k: results[k] for k in ("a_wins", "ties", "b_wins", "invalid")}
+    for k in ("win_rate", "tie_rate", "loss_rate"):
+        out[k] = results[k]["value"]
+        out[f"{k}_ci95"] = results[k]["ci95"]
+    out["first_shown_won"] = results["first_shown_won"]
+    return out
+
+
+def read_results(directory: Path) -> dict[str, Any]:
+    """The results.json of a judge or human-import artifact."""
+    return json.loads((Path(directory) / RESULTS).read_text(encoding="utf-8"))

@@ -13,7 +13,6 @@ verdict, winner, rewards or the judge's reply).
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,18 +21,19 @@ from typing import Any, Literal
 
 from llmctl.core.artifacts import Manifest, check_output, commit_output, input_record
 from llmctl.core.chatdata import load_prompts
-from llmctl.core.checkpoint import load_checkpoint
-from llmctl.core.completions import chat_answers
+from llmctl.core.completions import answer_both, question_text
 from llmctl.core.config import require, to_dict
 from llmctl.core.errors import InputError
 from llmctl.core.judges import HttpJudge, RewardJudge, Verdict
 from llmctl.core.progress import SILENT, Progress
-from llmctl.core.runtime import Runtime
 from llmctl.core.sampling import SamplingConfig
-from llmctl.core.winrate import position_bias, random_swaps, shown_to_model, win_report
-
-RESULTS = "results.json"
-JUDGMENTS = "judgments.jsonl"
+from llmctl.core.winrate import (
+    pairwise_report,
+    random_swaps,
+    shown_to_model,
+    summary_stats,
+    write_report,
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -77,39 +77,6 @@ class JudgeConfig:
             top_k=0,
             top_p=self.top_p,
         )
-
-
-def question_text(messages: Sequence[dict[str, str]]) -> str:
-    """A conversation as the judge (or a rater) reads it: the user message, or 'role: text' lines."""
-    if len(messages) == 1:
-        return messages[0]["content"]
-    return "\n\n".join(f"{m['role']}: {m['content']}" for m in messages)
-
-
-def answer_both(
-    ckpt_a: Path,
-    ckpt_b: Path,
-    conversations: Sequence[Sequence[dict[str, str]]],
-    sampling: SamplingConfig,
-    *,
-    device: str = "auto",
-    precision: str = "auto",
-    seed: int = 0,
-    batch_size: int = 16,
-    progress: Progress = SILENT,
-) -> tuple[list[str], list[str]]:
-    """Each checkpoint's answer to every conversation (one model in memory at a time)."""
-    rt = Runtime.detect(device, precision)  # type: ignore[arg-type]
-    out = []
-    for name, ckpt in (("A", ckpt_a), ("B", ckpt_b)):
-        c = load_checkpoint(ckpt, device=rt.device)
-        progress.start(f"answers {name}", None)
-        out.append(
-            chat_answers(c, conversations, sampling, rt=rt, seed=seed, batch_size=batch_size)
-        )
-        progress.stop()
-        del c
-    return out[0], out[1]
 
 
 def make_judge(cfg: JudgeConfig) -> RewardJudge | HttpJudge:
@@ -181,15 +148,6 @@ def _record(row: dict[str, Any], verdict: Verdict) -> None:
     row["winner"] = shown_to_model(verdict, row["order"] == "ba")
 
 
-def report(rows: Sequence[dict[str, Any]], choice_key: str = "verdict") -> dict[str, Any]:
-    """The win-rate report of judged rows, plus the order counts and the measured position bias."""
-    return {
-        **win_report([r["winner"] for r in rows]),
-        "order": {o: sum(r["order"] == o for r in rows) for o in ("ab", "ba")},
-        "first_shown_won": position_bias([r[choice_key] for r in rows]),
-    }
-
-
 def run(
     prompts: str | Path,
     ckpt_a: Path,
@@ -219,7 +177,7 @@ def run(
     )  # fmt: skip
     rows = judge_answers(convs, answers_a, answers_b, judge, seed=cfg.seed, progress=progress)
     results = {
-        **report(rows),
+        **pairwise_report(rows),
         "a": str(ckpt_a),
         "b": str(ckpt_b),
         "judge": cfg.judge_rm or f"{cfg.judge_model} @ {cfg.judge_url}",
@@ -235,26 +193,3 @@ def run(
         out.manifest.counts = {"prompts": len(rows), "judged": results["n"]}
         out.manifest.stats = summary_stats(results)
     return out.manifest
-
-
-def write_report(directory: Path, results: dict[str, Any], rows: Sequence[dict[str, Any]]) -> None:
-    """results.json and judgments.jsonl."""
-    (directory / RESULTS).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    with open(directory / JUDGMENTS, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-
-
-def summary_stats(results: dict[str, Any]) -> dict[str, Any]:
-    """The manifest's flat stats: counts, each rate with its interval, position bias."""
-    out: dict[str, Any] = {k: results[k] for k in ("a_wins", "ties", "b_wins", "invalid")}
-    for k in ("win_rate", "tie_rate", "loss_rate"):
-        out[k] = results[k]["value"]
-        out[f"{k}_ci95"] = results[k]["ci95"]
-    out["first_shown_won"] = results["first_shown_won"]
-    return out
-
-
-def read_results(directory: Path) -> dict[str, Any]:
-    """The results.json of a judge or human-import artifact."""
-    return json.loads((Path(directory) / RESULTS).read_text(encoding="utf-8"))

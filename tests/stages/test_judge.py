@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from llmctl.cli import app
 from llmctl.core.judges import HttpJudge, RewardJudge, parse_verdict
-from llmctl.core.winrate import random_swaps, wilson, win_report
+from llmctl.core.winrate import pairwise_report, random_swaps, wilson, win_report
 from llmctl.stages import judge, rm
 
 runner = CliRunner()
@@ -54,13 +54,13 @@ def planted(n: int, seed: int) -> tuple[list[list[dict[str, str]]], list[str], l
 def test_reward_model_judge_prefers_the_planted_better_answer(models: dict[str, Path]) -> None:
     convs, a, b = planted(40, seed=7)
     rows = judge.judge_answers(convs, a, b, RewardJudge(models["rm"]), seed=3)
-    res = judge.report(rows)
+    res = pairwise_report(rows)
     assert res["win_rate"]["value"] >= 0.8
     assert res["win_rate"]["ci95"][0] > 0.5  # significantly better than a coin
     for r in rows:  # the verdict follows the rewards whatever order they were shown in
         assert r["winner"] == ("a" if r["reward_a"] > r["reward_b"] else "b")
     # swapping the models turns wins into losses
-    back = judge.report(judge.judge_answers(convs, b, a, RewardJudge(models["rm"]), seed=3))
+    back = pairwise_report(judge.judge_answers(convs, b, a, RewardJudge(models["rm"]), seed=3))
     assert back["b_wins"] == res["a_wins"]
 
 
@@ -111,7 +111,7 @@ def test_url_judge_asks_the_endpoint_and_maps_the_verdict_back(server: str) -> N
     convs, a, b = planted(12, seed=5)
     _Judge.seen.clear()
     rows = judge.judge_answers(convs, a, b, HttpJudge(server, "marker", api_key="k"), seed=0)
-    assert judge.report(rows)["a_wins"] == 12  # A wins in both shown orders
+    assert pairwise_report(rows)["a_wins"] == 12  # A wins in both shown orders
     assert {r["order"] for r in rows} == {"ab", "ba"}
     assert _Judge.seen[0]["path"] == "/v1/chat/completions"
     assert _Judge.seen[0]["auth"] == "Bearer k"
@@ -123,7 +123,7 @@ def test_randomised_order_cancels_a_first_position_judge(server: str) -> None:
     rows = judge.judge_answers(convs, a, b, HttpJudge(server, "first"), seed=0)
     for r in rows:
         assert r["winner"] == ("a" if r["order"] == "ab" else "b")
-    res = judge.report(rows)
+    res = pairwise_report(rows)
     assert res["first_shown_won"] == 1.0
     assert res["a_wins"] == res["order"]["ab"]
     assert 0.2 < res["win_rate"]["value"] < 0.8  # not 1.0, as it would be in a fixed order
