@@ -81,6 +81,15 @@ def mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
     return t / dist.get_world_size()
 
 
+def peer_failed(e: BaseException) -> bool:
+    """Whether a collective failed because another rank went away (gloo: "Connection closed by
+    peer"; NCCL: a DistError), rather than because of this rank's own work."""
+    if not active():
+        return False
+    text = str(e)
+    return isinstance(e, dist.DistError) or "closed by peer" in text or "Connection reset" in text
+
+
 def barrier() -> None:
     """Wait for every rank (nothing in one process)."""
     if active():

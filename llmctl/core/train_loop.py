@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from llmctl.core.distributed import active, mean_over_ranks
+from llmctl.core.distributed import active, mean_over_ranks, peer_failed
 from llmctl.core.errors import TrainingError
 from llmctl.core.optim import lr_at
 from llmctl.core.parallel import grad_sync
@@ -198,6 +198,14 @@ def train(
                 progress.log(
                     f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in last_val.items())
                 )
+    except Exception as e:
+        if not peer_failed(e):
+            raise
+        where = f"; the last complete checkpoint is {last_saved}" if last_saved else ""
+        raise TrainingError(
+            f"another process of this job failed during step {completed + 1}{where}",
+            "its own error is above (torchrun names the rank); fix that, then re-run with --resume",
+        ) from e
     except KeyboardInterrupt:
         # Keep what was trained: a checkpoint at the last completed step, then let the CLI explain.
         # (Not with several ranks: a save is collective, and the other ranks may be gone already.)
