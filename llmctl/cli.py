@@ -2111,6 +2111,56 @@ def eval_human_import(
     _win_table(f"eval human-import -> {output}", read_results(output))
 
 
+@eval_app.command(
+    "decontam",
+    epilog="Example: llmctl eval decontam llmctl/eval_tasks/stdlib_module.jsonl data/docs "
+    "-o runs/eval/decontam   |   ... --n 8 --min-overlap 0.7 --fields question",
+)
+@handle_errors
+def eval_decontam(
+    eval_set: Annotated[
+        str, typer.Argument(help="Evaluation set: JSONL/Parquet file or dir, one item per row.")
+    ],
+    train: Annotated[str, typer.Argument(help="Training docs: docs dataset, Parquet, JSONL, .txt.")],
+    output: OutOpt,
+    n: Annotated[int | None, typer.Option("--n", help="Words per n-gram (default 13).")] = None,
+    min_overlap: Annotated[
+        float | None,
+        typer.Option(help="Flag an item when this share of its n-grams is found (default 0: any)."),
+    ] = None,
+    fields: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated eval fields to check (default: every text field)."),
+    ] = None,
+    text_column: TextColumnOpt = None,
+    max_docs: Annotated[
+        int | None, typer.Option(help="Scan at most this many training docs (0 = all).")
+    ] = None,
+    config: ConfigOpt = None,
+    force: ForceOpt = False,
+) -> None:
+    """N-gram overlap (13 words by default) between an evaluation set and training text.
+
+    Writes OUTPUT/results.json (counts) and OUTPUT/contaminated.jsonl (each flagged item: share of
+    its n-grams found, an example n-gram, the first training documents holding one).
+    """
+    from llmctl.stages import decontam as stage
+
+    cfg = make_config(
+        stage.DecontamConfig,
+        config,
+        "eval-decontam",
+        n=n,
+        min_overlap=min_overlap,
+        fields=tuple(f.strip() for f in fields.split(",") if f.strip()) if fields else None,
+        text_column=text_column,
+        max_docs=max_docs,
+    )
+    show_config(cfg)
+    m = stage.run(eval_set, train, output, cfg, force=force, progress=progress())
+    summary(f"eval decontam -> {output}", {**m.counts, **m.stats})
+
+
 @app.command(
     "lm-eval",
     context_settings={
