@@ -931,6 +931,22 @@ def pretrain(
         bool,
         typer.Option("--resume", help="Continue from the newest checkpoint in OUTPUT.partial/."),
     ] = False,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="Print the plan (parameters, tokens, FLOPs, memory per GPU, time) and exit.",
+        ),
+    ] = False,
+    vocab_size: Annotated[
+        int | None, typer.Option(help="--dry-run without tokens: the vocabulary size.")
+    ] = None,
+    gpus: Annotated[int, typer.Option(help="--dry-run: GPUs in the run.")] = 1,
+    gpu: Annotated[
+        str, typer.Option(help="--dry-run: h100, h200, a100, a100-40gb, l40s or a10g.")
+    ] = "h100",
+    mfu: Annotated[float, typer.Option(help="--dry-run: model FLOPs utilisation assumed.")] = 0.4,
+    tp: Annotated[int, typer.Option(help="--dry-run: tensor-parallel degree (fsdp+tp row).")] = 1,
     config: ConfigOpt = None,
     force: ForceOpt = False,
 ) -> None:
@@ -945,6 +961,9 @@ def pretrain(
     from llmctl.stages import pretrain as stage
 
     entries = tuple(tokens or ()) + tuple(data or ())
+    toml_data = (load_toml(config) if config else {}).get("pretrain", {}).get("data")
+    if dry_run and not entries and not toml_data:
+        entries = ("(none: --dry-run)",)  # the plan needs no data when --vocab-size is given
     cfg = make_config(
         stage.PretrainConfig,
         config,
@@ -976,6 +995,9 @@ def pretrain(
         compile=compile,
         parallel=parallel,
     )
+    if dry_run:
+        _pretrain_plan(cfg, vocab_size, gpus=gpus, gpu=gpu, mfu=mfu, tp=tp)
+        return
     if not is_main_process():  # rank 0 alone prints
         stage.run(output, cfg, force=force, resume=resume)
         return
@@ -2275,6 +2297,80 @@ def reproduce(
     if not same:
         err.print("[bold red]error:[/bold red] the reproduced artifact differs from the original")
         raise typer.Exit(1)
+
+
+def _pretrain_plan(
+    cfg: Any, vocab_size: int | None, *, gpus: int, gpu: str, mfu: float, tp: int
+) -> None:
+    """`llmctl pretrain --dry-run`: the run's plan from core/sizing.py, printed to stdout."""
+    from llmctl.core import sizing
+    from llmctl.core.artifacts import Manifest, is_artifact
+    from llmctl.core.errors import ConfigError
+    from llmctl.stages import pretrain as stage
+
+    if vocab_size is None:
+        first = stage.parse_data(cfg.data)[0][0]
+        if not is_artifact(Path(first), "tokens"):
+            raise ConfigError(
+                "--dry-run needs the vocabulary size",
+                "pass --vocab-size N (e.g. 32000), or a tokens artifact as data",
+            )
+        vocab_size = int((Manifest.read(Path(first)).tokenizer or {})["vocab_size"])
+    if gpus < 1 or tp < 1 or gpus % tp:
+        raise ConfigError(f"--tp {tp} must divide --gpus {gpus}")
+    p = stage.plan(cfg, vocab_size, world_size=gpus // tp)
+    mcfg = p["model"]
+    act_bytes = 4 if cfg.precision == "fp32" else 2
+    kw = {"seq_len": cfg.seq_len, "micro_batch": cfg.micro_batch, "gpus": gpus, "tp": tp}
+    e = sizing.estimate(mcfg, tokens=p["tokens"], gpu=gpu, mfu=mfu, act_bytes=act_bytes, **kw)
+    ckpt = sizing.estimate(
+        mcfg, tokens=p["tokens"], gpu=gpu, mfu=mfu, act_bytes=act_bytes, checkpointing=True, **kw
+    )
+    shape = ["d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "vocab_size"]
+    hours = e.seconds / 3600
+    rows = {
+        "model": f"{cfg.model}: " + " ".join(f"{k}={getattr(mcfg, k)}" for k in shape),
+        "parameters": f"{e.params / 1e6:,.1f}M ({e.params_non_embedding / 1e6:,.1f}M non-embedding)",
+        "tokens": f"{e.tokens / 1e9:,.3f}B ({p['steps']:,} steps x {cfg.batch_tokens:,}; "
+        f"Chinchilla 20/param = {20 * e.params / 1e9:,.2f}B)",
+        "batch": f"{cfg.micro_batch} rows x {cfg.seq_len} tokens x {gpus // tp} data-parallel "
+        f"ranks x {p['grad_accum']} accumulation",
+        "FLOPs/token": f"{e.flops_per_token:.4g} (6N + 12 L d T)",
+        "FLOPs": f"{e.flops:.4g}",
+        "time": (f"{hours:,.1f} h" if hours >= 1 else f"{e.seconds / 60:,.2f} min")
+        + f" on {gpus} x {gpu} at {mfu:.0%} MFU "
+        f"({e.gpu_hours:,.0f} GPU-hours; peak {sizing.GPUS[gpu][0] / 1e12:,.0f} TFLOP/s bf16)",
+    }
+    t = Table(
+        title="pretrain --dry-run", show_header=False, title_justify="left", title_style="bold"
+    )
+    t.add_column(style="cyan")
+    t.add_column(overflow="fold")
+    for k, v in rows.items():
+        t.add_row(k, v)
+    out.print(t)
+    mem = Table(
+        title=f"memory per GPU, GiB ({gpu}: {sizing.GPUS[gpu][1] / 1e9:.0f} GB; tp={tp})",
+        title_justify="left",
+        title_style="bold",
+    )
+    for col in ("strategy", "weights", "grads", "AdamW", "activ.", "total", "ckpt'd", "fits"):
+        mem.add_column(col, justify="left" if col == "strategy" else "right")
+    for s, m in e.memory.items():
+        c = ckpt.memory[s]
+        fits = "yes" if e.fits(s) else "ckpt'd" if ckpt.fits(s) else "no"
+        cells = [m.weights, m.gradients, m.optimizer, m.activations, m.total, c.total]
+        mem.add_row(s, *(f"{x / sizing.GIB:,.1f}" for x in cells), fits)
+    out.print(mem)
+    out.print(
+        "bytes/param: weights 4 (fp32 master), grads 4, AdamW 8; zero1 shards the optimizer, zero2 "
+        "+ grads, fsdp (ZeRO-3) all of them over the GPUs; activations = B x T x layers x "
+        f"{act_bytes} B x (7 d_model + 4 kv_dim + 4 d_ff), /tp under TP; ckpt'd: with activation "
+        "checkpointing (layer inputs kept, one layer recomputed). Not counted: CUDA context, "
+        "fragmentation, comm buffers (keep ~10% free).",
+        style="dim",
+        highlight=False,
+    )
 
 
 # -- stages that later releases add ----------------------------------------------------------------
