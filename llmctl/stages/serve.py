@@ -315,16 +315,34 @@ class Answer:
             r.cancelled = True
 
     async def events(self) -> AsyncIterator[tuple[int, str, Any]]:
-        """(choice index, "text" | "done" | "error", payload) until every row is done."""
+        """(choice index, "text" | "done", payload) until every row is done.
+
+        Events that piled up while the loop was busy are coalesced (one text piece per choice),
+        so a slow client or a busy loop costs fewer, larger chunks rather than a growing backlog.
+
+        Raises:
+            ApiError: 500 when the engine reports a failed batch.
+        """
         open_rows = len(self.rows)
         while open_rows:
-            i, kind, payload = await self.queue.get()
-            if kind == "error":
-                raise ApiError(500, payload, kind="server_error")
-            if kind == "done":
+            items = [await self.queue.get()]
+            while not self.queue.empty():
+                items.append(self.queue.get_nowait())
+            texts: dict[int, str] = {}
+            dones: list[tuple[int, Any]] = []
+            for i, kind, payload in items:
+                if kind == "error":
+                    raise ApiError(500, payload, kind="server_error")
+                if kind == "text":
+                    texts[i] = texts.get(i, "") + payload
+                else:
+                    dones.append((i, payload))
+            for i, text in texts.items():
+                yield i, "text", text
+            for i, payload in dones:
                 open_rows -= 1
                 self.completion_tokens += payload[1]
-            yield i, kind, payload
+                yield i, "done", payload
 
     def usage(self) -> dict[str, int]:
         return {

@@ -9,8 +9,11 @@ fewer batches than requests), and that the server stays healthy throughout.
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -326,3 +329,85 @@ def test_cli_serve_help_and_bad_checkpoint(tmp_path: Path) -> None:
     r = runner.invoke(cli_app, ["serve", str(tmp_path), "--port", "70000"])
     assert r.exit_code == 2
     assert "--port" in r.stderr
+
+
+def _chromium() -> tuple[str, str] | None:
+    """(browser, driver) paths from Debian's chromium + chromium-driver, if installed."""
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    return (browser, driver) if browser and driver else None
+
+
+@pytest.fixture(scope="module")
+def chromium() -> tuple[str, str]:
+    """The browser and driver; installed with apt where missing (as root, unless
+    LLMCTL_NO_BROWSER_INSTALL is set), else the test is skipped."""
+    found = _chromium()
+    apt = shutil.which("apt-get")
+    if (
+        found is None
+        and apt
+        and os.geteuid() == 0
+        and not os.environ.get("LLMCTL_NO_BROWSER_INSTALL")
+    ):
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        install = [
+            apt,
+            "install",
+            "-y",
+            "-q",
+            "--no-install-recommends",
+            "chromium",
+            "chromium-driver",
+        ]
+        if subprocess.run(
+            install, env=env, capture_output=True, timeout=900, check=False
+        ).returncode:
+            subprocess.run(
+                [apt, "update", "-q"], env=env, capture_output=True, timeout=600, check=False
+            )
+            subprocess.run(install, env=env, capture_output=True, timeout=900, check=False)
+        found = _chromium()
+    if found is None:
+        pytest.skip("no chromium + chromedriver (apt-get install chromium chromium-driver)")
+    return found
+
+
+@pytest.mark.slow
+def test_chat_page_in_a_headless_browser(
+    server: Running, loaded: Checkpoint, chromium: tuple[str, str]
+) -> None:
+    """Type a message into the page, see the streamed answer appear: the greedy reply."""
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = chromium[0]
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
+        opts.add_argument(flag)
+    driver = webdriver.Chrome(options=opts, service=Service(executable_path=chromium[1]))
+    try:
+        driver.get(server.url + "/")
+        wait = WebDriverWait(driver, 30)
+        wait.until(lambda d: MODEL in d.find_element(By.ID, "model").text)
+        driver.execute_script(
+            "document.getElementById('temperature').value = '0';"
+            "document.getElementById('max-tokens').value = '10';"
+            "document.getElementById('system').value = arguments[0];",
+            MSGS[0]["content"],
+        )
+        driver.find_element(By.ID, "input").send_keys(MSGS[1]["content"])
+        driver.find_element(By.ID, "send").click()
+        wait.until(lambda d: d.find_element(By.ID, "status").text.startswith("done"))
+        replies = driver.find_elements(By.CSS_SELECTOR, ".msg.assistant .content")
+        got = driver.execute_script("return arguments[0].textContent;", replies[-1])
+        assert got == expected(loaded, chat_ids(loaded, MSGS), 10)[0]
+        assert driver.find_elements(By.CSS_SELECTOR, ".msg.user")[0].text.endswith(
+            MSGS[1]["content"]
+        )
+        driver.find_element(By.ID, "reset").click()
+        assert driver.find_elements(By.CSS_SELECTOR, ".msg") == []
+    finally:
+        driver.quit()
