@@ -2339,7 +2339,7 @@ def _pretrain_plan(
         "FLOPs": f"{e.flops:.4g}",
         "time": (f"{hours:,.1f} h" if hours >= 1 else f"{e.seconds / 60:,.2f} min")
         + f" on {gpus} x {gpu} at {mfu:.0%} MFU "
-        f"({e.gpu_hours:,.0f} GPU-hours; peak {sizing.GPUS[gpu][0] / 1e12:,.0f} TFLOP/s bf16)",
+        f"({e.gpu_hours:,.{0 if e.gpu_hours >= 10 else 1}f} GPU-hours; peak {sizing.GPUS[gpu][0] / 1e12:,.0f} TFLOP/s bf16)",
     }
     t = Table(
         title="pretrain --dry-run", show_header=False, title_justify="left", title_style="bold"

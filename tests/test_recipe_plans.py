@@ -119,3 +119,21 @@ def test_accelerate_configs() -> None:
         assert "--config_file ../accelerate/fsdp.yaml" in launch
         assert "--parallel" not in launch  # set in the TOML: parallel = "fsdp"
     assert load_toml(RECIPES / "llama-7b" / "llama-7b.toml")["pretrain"]["parallel"] == "fsdp"
+
+
+def test_dry_run_errors() -> None:
+    r = CliRunner().invoke(app, ["pretrain", "--dry-run", "--model", "124m"])
+    assert r.exit_code == 2
+    assert "--vocab-size" in r.output
+    r = CliRunner().invoke(
+        app, ["pretrain", "--dry-run", "--vocab-size", "32000", "--gpus", "8", "--tp", "3"]
+    )
+    assert r.exit_code == 2
+    assert "must divide" in r.output
+    # The global batch must split over the data-parallel ranks: plan() says which value fits.
+    r = CliRunner().invoke(
+        app,
+        ["pretrain", "--dry-run", "--vocab-size", "32000", "--gpus", "3", "--micro-batch", "16"],
+    )
+    assert r.exit_code == 2
+    assert "--batch-tokens" in r.output
