@@ -8,7 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
+from llmctl.cli import app
 from llmctl.core.artifacts import Manifest
 from llmctl.core.config import build_config, load_toml, to_dict
 from llmctl.core.errors import InputError
@@ -47,7 +49,10 @@ def test_dedup_reproduced_in_process(tmp_path: Path, docs_dir: Path) -> None:
     recipe = reproduce.plan(tmp_path / "d", tmp_path / "twin")
     assert recipe.argv[:2] == ["dedup", str(docs_dir.resolve())]
     assert recipe.warnings == []
-    assert reproduce.run(recipe).fingerprint == m.fingerprint
+    reproduce.write_config(recipe)
+    r = CliRunner().invoke(app, ["--quiet", *recipe.argv])  # in-process: no interpreter start-up
+    assert r.exit_code == 0, r.output
+    assert Manifest.read(tmp_path / "twin").fingerprint == m.fingerprint
 
 
 def test_tokenize_recipe_resolves_to_the_recorded_config(tokens_dir: Path) -> None:
