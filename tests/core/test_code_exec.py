@@ -10,7 +10,7 @@ import pytest
 
 from llmctl.core.code_exec import Limits, Outcome, run_many, run_one
 
-LIMITS = Limits(timeout_s=2.0, cpu_s=1, memory_mb=512, file_mb=1)
+LIMITS = Limits(timeout_s=3.0, cpu_s=1, memory_mb=512, file_mb=1)  # generous: shared CPUs
 
 
 @pytest.fixture(scope="module")
