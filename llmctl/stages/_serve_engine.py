@@ -109,6 +109,7 @@ class Engine:
         self._pending: deque[Row] = deque()
         self._cv = threading.Condition()
         self._closed = False
+        self._current: list[Row] = []  # the batch being decoded
         self.running = 0  # rows in the batch being decoded
         self.batches = 0  # batches decoded so far
         self._thread = threading.Thread(target=self._work, name="llmctl-serve-engine", daemon=True)
@@ -136,10 +137,10 @@ class Engine:
             self._cv.notify()
 
     def close(self, timeout: float = 10.0) -> None:
-        """Stop the worker after its current batch; rows still queued are dropped."""
+        """Stop the worker: the running batch ends at its next step, queued rows are dropped."""
         with self._cv:
             self._closed = True
-            for r in self._pending:
+            for r in [*self._pending, *self._current]:
                 r.cancelled = True
             self._pending.clear()
             self._cv.notify()
@@ -152,6 +153,9 @@ class Engine:
             batch = self._next_batch()
             if batch is None:
                 return
+            if not batch:  # every waiting row was cancelled
+                continue
+            self._current = batch
             self.running = len(batch)
             try:
                 self._decode(batch)
@@ -159,7 +163,7 @@ class Engine:
                 for r in batch:
                     r.emit("error", f"generation failed: {type(e).__name__}: {e}")
             finally:
-                self.running = 0
+                self._current, self.running = [], 0
                 self.batches += 1
 
     def _next_batch(self) -> list[Row] | None:
@@ -193,8 +197,6 @@ class Engine:
         return batch
 
     def _decode(self, batch: list[Row]) -> None:
-        if not batch:
-            return
         s = batch[0].sampling
         cfg = SamplingConfig(
             max_new_tokens=max(r.max_tokens for r in batch),
