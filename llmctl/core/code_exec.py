@@ -12,8 +12,9 @@ What confines a run, outermost first:
     guard     a preamble, run before the code, installs a `sys.addaudithook` hook that refuses socket
               creation and use, process creation (fork, exec, spawn, subprocess, os.system), signals
               to other processes, ctypes, raising rlimits, and any file open for writing, rename,
-              removal, link or permission change outside the working directory; reads are allowed
-              only under the working directory and the Python installation
+              removal, link or permission change outside the working directory (and such calls
+              relative to a directory fd); reads are allowed only under the working directory
+              and the Python installation
     verdict   "passed" needs exit status 0 *and* a per-run random token the program prints after its
               last test, so code that calls `exit()` before the tests ran does not pass
 
@@ -101,6 +102,8 @@ def _make_guard():
     paths = {"os.remove": 1, "os.rmdir": 1, "os.rename": 2, "os.replace": 2, "os.mkdir": 1,
              "os.chmod": 1, "os.truncate": 1, "os.utime": 1, "shutil.rmtree": 1,
              "shutil.copyfile": 2, "shutil.move": 2, "os.listdir": 0, "os.scandir": 0}
+    dir_fd_from = {"os.remove": 1, "os.rmdir": 1, "os.rename": 2, "os.replace": 2,
+                   "os.mkdir": 2, "os.chmod": 2, "os.utime": 3}
     write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
 
     def inside(path, roots):
@@ -121,7 +124,12 @@ def _make_guard():
                 isinstance(flags, int) and flags & write_flags)
             if not inside(path, (root,) if writing else readable):
                 raise PermissionError(f"open({path!r}, {mode!r}) outside the working directory")
+            if writing and mode is None and not os.path.isabs(os.fsdecode(path)):
+                # os.open: a relative path may be relative to a dir_fd, which the event omits
+                raise PermissionError(f"os.open({path!r}) for writing needs an absolute path")
         elif event in paths:
+            if any(isinstance(x, int) and x != -1 for x in args[dir_fd_from.get(event, 99):]):
+                raise PermissionError(f"{event} with dir_fd is not allowed here")
             for a in args[: paths[event] or 1]:
                 if a is not None and not inside(a, readable if paths[event] == 0 else (root,)):
                     raise PermissionError(f"{event}({a!r}) outside the working directory")

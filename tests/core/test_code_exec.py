@@ -44,6 +44,10 @@ def outcomes(victim: Path) -> dict[str, Outcome]:
         "memory": "x = bytearray(2 * 1024**3)",
         "big_file": "open('big', 'wb').write(b'x' * (8 * 2**20))",
         "read_secret": "open('/etc/hostname').read()",
+        "dir_fd_write": "import os, sys\nfd = os.open(sys.base_prefix, os.O_RDONLY)\n"
+        "os.close(os.open('llmctl-exec-test', os.O_CREAT | os.O_WRONLY, dir_fd=fd))",
+        "dir_fd_mkdir": "import os, sys\nfd = os.open(sys.base_prefix, os.O_RDONLY)\n"
+        "os.mkdir('llmctl-exec-test', dir_fd=fd)",
     }
     res = run_many(list(programs.values()), LIMITS, workers=2)
     return dict(zip(programs, res, strict=True))
@@ -74,15 +78,18 @@ def test_endless_code_times_out(outcomes: dict[str, Outcome]) -> None:
 @pytest.mark.parametrize(
     "name",
     ["write_outside", "overwrite", "os_open", "remove", "rename", "socket", "connect"]
-    + ["subprocess", "fork", "memory", "big_file", "read_secret"],
+    + ["subprocess", "fork", "memory", "big_file", "read_secret", "dir_fd_write", "dir_fd_mkdir"],
 )
 def test_harmful_code_fails(outcomes: dict[str, Outcome], name: str) -> None:
     assert outcomes[name].status == "failed", outcomes[name]
 
 
 def test_nothing_outside_was_touched(outcomes: dict[str, Outcome], victim: Path) -> None:
+    import sys
+
     assert victim.read_text() == "original"
     assert sorted(p.name for p in victim.parent.iterdir()) == ["keep.txt"]
+    assert not (Path(sys.base_prefix) / "llmctl-exec-test").exists()
 
 
 def test_the_scratch_directory_is_removed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
