@@ -1732,8 +1732,10 @@ def import_hf(
 eval_app = typer.Typer(
     cls=_DefaultRunGroup,
     no_args_is_help=True,
-    help="Evaluate a checkpoint: lm-evaluation-harness tasks (`eval run`, the default) or "
-    "perplexity and bits per byte on held-out data (`eval ppl`).\n\n"
+    help="Evaluate a checkpoint: lm-evaluation-harness tasks (`eval run`, the default), "
+    "perplexity and bits per byte on held-out data (`eval ppl`), HumanEval pass@k "
+    "(`eval humaneval`), two checkpoints compared by a judge (`eval judge`) or by people "
+    "(`eval human-export`, `eval human-import`), eval-set contamination (`eval decontam`).\n\n"
     "llmctl eval CKPT --tasks a,b -o OUT is short for `eval run`. llmctl's own offline tasks "
     "(tag llmctl_stdlib) need no download; lm-eval's built-in tasks run when their datasets are "
     "in the local Hugging Face cache.",
