@@ -207,7 +207,12 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) 
     half = x.shape[-1] // 2
     c, s = cos[..., :half], sin[..., :half]
     x1, x2 = x[..., :half], x[..., half:]
-    out = torch.empty(torch.broadcast_shapes(x.shape, cos.shape), dtype=x.dtype, device=x.device)
+    if cos.ndim <= x.ndim and all(
+        c in (1, n) for c, n in zip(cos.shape[::-1], x.shape[::-1], strict=False)
+    ):
+        out = torch.empty_like(x)  # (torch.broadcast_shapes costs more than the rotation here)
+    else:
+        out = x.new_empty(torch.broadcast_shapes(x.shape, cos.shape))
     o1, o2 = out[..., :half], out[..., half:]
     torch.mul(x1, c, out=o1).addcmul_(x2, s, value=-sign)
     torch.mul(x2, c, out=o2).addcmul_(x1, s, value=sign)
@@ -263,6 +268,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == self.weight.dtype == torch.float32:  # one call (decoding counts calls)
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return self.weight * y.to(x.dtype)
 
@@ -302,10 +309,10 @@ class Attention(nn.Module):
         is_causal = attn_mask is None
         if cache is not None:
             start = cache.pos
-            cache.k[layer][:, :, start : start + T] = k
-            cache.v[layer][:, :, start : start + T] = v
-            k = cache.k[layer][:, :, : start + T]
-            v = cache.v[layer][:, :, : start + T]
+            kc, vc = cache.k[layer], cache.v[layer]
+            kc.narrow(2, start, T).copy_(k)
+            vc.narrow(2, start, T).copy_(v)
+            k, v = kc.narrow(2, 0, start + T), vc.narrow(2, 0, start + T)
             # is_causal aligns the mask top-left, which is right only when nothing precedes the
             # queries; a single new query may see everything; otherwise the caller passes a mask.
             is_causal = attn_mask is None and start == 0 and T > 1
@@ -431,8 +438,17 @@ class Transformer(nn.Module):
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """The LM head on final hidden states (..., d_model) -> (..., vocab_size), for decoding
-        (a few rows at a time; `forward` applies the head to whole sequences)."""
-        return self.lm_head(h)
+        (a few rows at a time; `forward` applies the head to whole sequences).
+
+        With a handful of rows on CPU, MKL's `h @ W.T` is slow for a tall (vocab x d) W; the same
+        product as `(W @ h.T).T` runs 1.3-1.7x faster there (the result is a transposed view).
+        """
+        rows = h.numel() // h.shape[-1]
+        w = self.lm_head.weight
+        plain = type(self.lm_head) is nn.Linear  # not wrapped (an adapter would be bypassed)
+        if not plain or h.device.type != "cpu" or rows > 16 or torch.is_autocast_enabled("cpu"):
+            return self.lm_head(h)
+        return torch.mm(w, h.reshape(rows, -1).to(w.dtype).t()).t().view(*h.shape[:-1], -1)
 
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
         """An empty KV cache on this model's device and dtype."""
