@@ -26,6 +26,7 @@ from llmctl.core.config import require, to_dict
 from llmctl.core.errors import InputError
 from llmctl.core.judges import HttpJudge, RewardJudge, Verdict
 from llmctl.core.progress import SILENT, Progress
+from llmctl.core.runtime import Runtime
 from llmctl.core.sampling import SamplingConfig
 from llmctl.core.winrate import (
     pairwise_report,
@@ -86,7 +87,8 @@ def make_judge(cfg: JudgeConfig) -> RewardJudge | HttpJudge:
         InputError: The key variable is unset, or the reward model does not load.
     """
     if cfg.judge_rm:
-        return RewardJudge(Path(cfg.judge_rm), device="cpu", epsilon=cfg.tie_epsilon)
+        device = str(Runtime.detect(cfg.device, cfg.precision).device)
+        return RewardJudge(Path(cfg.judge_rm), device=device, epsilon=cfg.tie_epsilon)
     key = None
     if cfg.api_key_env:
         key = os.environ.get(cfg.api_key_env)
