@@ -7,10 +7,13 @@ from pathlib import Path
 from typing import Any
 
 # metrics.jsonl keys drawn for each kind of training run, one panel each, in this order.
+# A panel's key is drawn only where the metrics have it (rm and dpo add accuracy and margin).
 PANELS = {
-    "lm": ("loss", "lr", "grad_norm", "tokens_per_s"),
+    "lm": ("loss", "lr", "grad_norm", "tokens_per_s", "train_accuracy", "train_margin"),
     "ppo": ("score", "kl", "entropy", "response_len", "grad_norm", "tokens_per_s"),
 }
+OVERLAYS = {"loss": "val_loss", "train_accuracy": "val_accuracy", "train_margin": "val_margin"}
+TITLES = {"score": "reward (reward-model score)", "kl": "KL to the reference"}
 
 
 def _plt() -> Any:
@@ -39,13 +42,14 @@ def training_curves(
     rows = (len(shown) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 2.8 * rows), squeeze=False)
     for ax, key in zip(axes.flat, shown, strict=False):
-        ax.plot(*_series(records, key), lw=1, label=key)
-        if key == "loss":
-            vx, vy = _series(records, "val_loss")
+        xs, ys = _series(records, key)
+        ax.plot(xs, ys, lw=1, label=key, marker="o" if len(xs) < 3 else None)
+        if key in OVERLAYS:
+            vx, vy = _series(records, OVERLAYS[key])
             if vx:
-                ax.plot(vx, vy, "o-", label="val_loss")
+                ax.plot(vx, vy, "o-", label=OVERLAYS[key])
             ax.legend()
-        ax.set_title(key, fontsize=10)
+        ax.set_title(TITLES.get(key, key), fontsize=10)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(shown) :]:

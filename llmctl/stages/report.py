@@ -53,6 +53,7 @@ ORDER = (
 EXPECTED = ("crawl-filter", "dedup", "tokenize", "pretrain", "sft", "rm", "ppo", "eval")
 DATA_STAGES = ("corpus", "crawl-filter", "dedup", "tokenize")
 TRAIN_STAGES = ("pretrain", "sft", "rm", "dpo", "ppo")
+POST_TRAINING = ("chat", "prefs", "prompts")  # corpus formats that feed sft / rm, dpo / ppo
 CHAT_STAGES = ("sft", "dpo", "ppo")  # checkpoints that answer in the chat template
 LABELS = {
     "pretrain": "base model, before alignment",
@@ -248,24 +249,55 @@ def _funnel_row(a: Artifact) -> list[Any]:
     return [a.name, f"{st} ({a.m.kind})", None, docs, None, c.get("bytes", s.get("bytes")), None]
 
 
+def lineage(arts: list[Artifact]) -> list[list[Artifact]]:
+    """Each data chain, source first, ending at a tokens artifact (or at a docs artifact nothing
+    reads): an artifact's upstream is the artifact holding its first input (a directory, or a
+    file inside one, such as a crawl's .warc.gz)."""
+    by_path = {a.path.resolve(): a for a in arts}
+
+    def parent(a: Artifact) -> Artifact | None:
+        for i in a.m.inputs[:1]:
+            p = Path(i.get("path") or "-").resolve()
+            return by_path.get(p) or by_path.get(p.parent)
+        return None
+
+    used = {id(u) for a in arts if (u := parent(a))}
+    chains = []
+    for leaf in (a for a in arts if id(a) not in used):
+        chain, a = [leaf], parent(leaf)
+        while a is not None and a not in chain:
+            chain.insert(0, a)
+            a = parent(a)
+        chains.append(chain)
+    return chains
+
+
 def _funnel(ctx: _Ctx) -> list[str]:
     out = ["## Data funnel", ""]
-    data = ctx.of(*DATA_STAGES)
+    data = [a for a in ctx.of(*DATA_STAGES) if a.m.config.get("format") not in POST_TRAINING]
     if not data:
         return out + _not_run("data stages (corpus, crawl-filter, dedup, tokenize)")
-    rows = [_funnel_row(a) for a in data]
+    chains = lineage(data)
+    seen: set[str] = set()  # a source read by two chains is listed once, with the first
+    ordered = [a for chain in chains for a in chain if not (a.name in seen or seen.add(a.name))]
+    rows = [_funnel_row(a) for a in ordered]
     out += table(
         ["artifact", "stage", "docs in", "docs out", "bytes in", "bytes out", "removed"], rows
     )
     out += ctx.fig(
         plots.bars(
-            [f"{r[0]} ({r[1]})" for r in rows],
+            [f"{a.name} ({a.m.stage})" for a in ordered],
             [float(r[3] or 0) for r in rows],
             ctx.figs / "funnel.png",
-            title="documents after each data stage",
+            title="documents after each data stage, source first",
             xlabel="documents",
         )
     )
+    post = [a for a in ctx.of("corpus") if a.m.config.get("format") in POST_TRAINING]
+    if post:
+        out += ["Post-training data:", ""]
+        rows = [[a.name, a.m.config.get("format"), a.m.counts.get("documents")] for a in post]
+        out += table(["artifact", "format", "rows"], rows)
     for a in ctx.of("crawl-filter"):
         removed = a.m.stats.get("removed", {})
         out += [f"### Why documents were removed: {a.name} (crawl-filter)", ""]

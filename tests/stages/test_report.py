@@ -98,6 +98,9 @@ def test_report_has_every_section(run_dir: Path, tmp_path: Path) -> None:
         assert f"| {name} |" in text, name
     assert "| lang | 7 | 900 | lang 4, min_lang_score 3 |" in text  # why documents went
     assert "### Duplicates: docs-dedup" in text
+    funnel = text[text.index("## Data funnel") : text.index("## Tokenizer")]
+    assert funnel.count("| docs | corpus") == 1  # read by dedup and tokenize, listed once
+    assert funnel.index("| docs |") < funnel.index("| docs-dedup |")  # source first
     assert "_sft: not run._" in text
     assert "_rm: not run._" in text
     assert "Not run: sft, rm." in text
