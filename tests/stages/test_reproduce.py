@@ -55,12 +55,16 @@ def test_dedup_reproduced_in_process(tmp_path: Path, docs_dir: Path) -> None:
     assert Manifest.read(tmp_path / "twin").fingerprint == m.fingerprint
 
 
-def test_tokenize_recipe_resolves_to_the_recorded_config(tokens_dir: Path) -> None:
-    recipe = reproduce.plan(tokens_dir, Path("elsewhere"))
+def test_tokenize_reproduced(tokens_dir: Path, tmp_path: Path) -> None:
+    recipe = reproduce.plan(tokens_dir, tmp_path / "again")
     assert recipe.argv[0] == "tokenize"
-    assert recipe.argv[-4:-2] == ["-o", "elsewhere"]
+    assert recipe.argv[-4:-2] == ["-o", str(tmp_path / "again")]
     cfg = build_config(TokenizeConfig, load_toml(reproduce.write_config(recipe)), "tokenize")
     assert to_dict(cfg) == recipe.manifest.config
+    # Tokenizer training and encoding are deterministic: the same bytes come out.
+    r = CliRunner().invoke(app, ["--quiet", *recipe.argv])
+    assert r.exit_code == 0, r.output
+    assert Manifest.read(tmp_path / "again").fingerprint == recipe.manifest.fingerprint
 
 
 def test_changed_input_and_relative_paths_are_reported(tmp_path: Path, docs_dir: Path) -> None:
