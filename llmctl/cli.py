@@ -927,6 +927,13 @@ def pretrain(
             help="Under torchrun: ddp (replicated model) or fsdp (sharded, ZeRO-3); none alone."
         ),
     ] = None,
+    sharded_checkpoints: Annotated[
+        bool | None,
+        typer.Option(
+            "--sharded-checkpoints/--full-checkpoints",
+            help="Intermediate checkpoints as per-rank shards (no gather on rank 0).",
+        ),
+    ] = None,
     resume: Annotated[
         bool,
         typer.Option("--resume", help="Continue from the newest checkpoint in OUTPUT.partial/."),
@@ -994,6 +1001,7 @@ def pretrain(
         precision=precision,
         compile=compile,
         parallel=parallel,
+        sharded_checkpoints=sharded_checkpoints,
     )
     if dry_run:
         _pretrain_plan(cfg, vocab_size, gpus=gpus, gpu=gpu, mfu=mfu, tp=tp)

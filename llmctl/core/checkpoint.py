@@ -6,6 +6,13 @@
     trainer_state.safetensors  optimizer moments and RNG state (only in resumable checkpoints)
     trainer_state.json         step, tokens seen, optimizer hyper-parameters, anything JSON-able
     manifest.json              kind "checkpoint", written last (see core/artifacts.py)
+    shards/                    instead of the two safetensors files in a sharded checkpoint: weights
+                               and optimizer state as torch.distributed.checkpoint shards, written by
+                               every rank of a multi-process run (core/parallel.py); `load_checkpoint`
+                               reads them in one process too, so export, generate, eval take them.
+                               Exception to the rule below: DCP's `.metadata` file is a pickle, so
+                               load sharded checkpoints only from sources you trust (`export`
+                               turns one into the pickle-free one-file form)
 
 A directory is written under a temporary name and renamed, so a crash mid-save leaves the previous
 checkpoint intact. Loading checks every file and names what is wrong: missing files, a config that
@@ -17,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +44,7 @@ WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 STATE_TENSORS = "trainer_state.safetensors"
 STATE_JSON = "trainer_state.json"
+SHARDS = "shards"
 REQUIRED = (WEIGHTS, CONFIG, MODEL_FILE)
 
 
@@ -74,6 +83,7 @@ def save_checkpoint(
     weights: dict[str, torch.Tensor] | None = None,
     extra_tensors: dict[str, torch.Tensor] | None = None,
     extra_files: Callable[[Path], None] | None = None,
+    shards: Path | None = None,
 ) -> Path:
     """Write a checkpoint directory atomically (temporary name, then rename over `path`).
 
@@ -92,6 +102,8 @@ def save_checkpoint(
             read back with `load_extra_tensors`.
         extra_files: Called with the temporary directory to add files (a reward head, say) before
             the manifest is written, so they count in its fingerprint and share the atomic rename.
+        shards: A finished torch.distributed.checkpoint directory (`parallel.save_sharded`), moved
+            in as `shards/` in place of model.safetensors and the optimizer moments.
 
     Returns:
         `path`.
@@ -110,7 +122,10 @@ def save_checkpoint(
         extra_config=extra_config,
         weights=weights,
         extra_tensors=extra_tensors,
+        weights_file=shards is None,
     )
+    if shards is not None:
+        os.replace(shards, tmp / SHARDS)
     if extra_files is not None:
         extra_files(tmp)
     m = manifest or Manifest(kind="checkpoint", stage="checkpoint")
@@ -137,15 +152,17 @@ def write_checkpoint_files(
     extra_config: dict[str, Any] | None = None,
     weights: dict[str, torch.Tensor] | None = None,
     extra_tensors: dict[str, torch.Tensor] | None = None,
+    weights_file: bool = True,
 ) -> None:
     """Write a checkpoint's files (no manifest) into an existing directory (arguments as in
-    `save_checkpoint`)."""
+    `save_checkpoint`; `weights_file=False` leaves model.safetensors to a `shards/` directory)."""
     directory = Path(directory)
-    save_file(
-        weights if weights is not None else model_state(model),
-        str(directory / WEIGHTS),
-        metadata={"format": "pt", "llmctl": __version__},
-    )
+    if weights_file:
+        save_file(
+            weights if weights is not None else model_state(model),
+            str(directory / WEIGHTS),
+            metadata={"format": "pt", "llmctl": __version__},
+        )
     cfg = {
         "model": model.cfg.to_dict(),
         "tokenizer": {"fingerprint": tokenizer.fingerprint, "vocab_size": tokenizer.vocab_size},
@@ -202,7 +219,8 @@ def check_checkpoint_dir(path: Path) -> dict[str, Any]:
         raise InputError(
             f"checkpoint {path} does not exist", "pass a directory written by `llmctl pretrain`"
         )
-    missing = [f for f in REQUIRED if not (path / f).is_file()]
+    sharded = (path / SHARDS).is_dir()
+    missing = [f for f in REQUIRED if not (path / f).is_file() and not (f == WEIGHTS and sharded)]
     if missing:
         found = sorted(p.name for p in path.iterdir())[:8]
         hint = "pass a directory written by `llmctl pretrain`"
@@ -251,8 +269,11 @@ def load_checkpoint(
     if tok.vocab_size != mcfg.vocab_size:
         raise InputError(f"tokenizer has {tok.vocab_size} ids, model expects {mcfg.vocab_size}")
     try:
-        sd = load_file(str(path / WEIGHTS), device="cpu")
-    except (SafetensorError, OSError, ValueError) as e:
+        if (path / WEIGHTS).is_file():
+            sd = load_file(str(path / WEIGHTS), device="cpu")
+        else:
+            sd = _load_shards(path / SHARDS, mcfg)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise InputError(
             f"{path / WEIGHTS} is corrupt or truncated ({e})",
             "re-save or re-download the checkpoint",
@@ -268,6 +289,20 @@ def load_checkpoint(
             f"{path / WEIGHTS} does not match its config.json: {' '.join(first[:2])[:300]}"
         ) from None
     return Checkpoint(path, model.to(device).eval(), tok, cfg)
+
+
+def _load_shards(directory: Path, mcfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """The full weights from a torch.distributed.checkpoint directory, in this one process (or
+    collectively, when a process group is up)."""
+    import torch.distributed.checkpoint as dcp
+
+    sd = Transformer(mcfg).state_dict()
+    if mcfg.tie_embeddings:
+        sd.pop("lm_head.weight")  # one tensor with embed.weight; tied again by the caller
+    with warnings.catch_warnings():  # "assuming ... to load in a single process": yes, it is
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load({"model": sd}, checkpoint_id=str(directory))
+    return sd
 
 
 def load_trainer_state(path: Path, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:

@@ -12,14 +12,18 @@ the single-process update of the global batch. The model is built whole on every
 seed before it is sharded, so a run's initial weights do not depend on the number of ranks (a model
 too big for one device's memory would be built on the meta device instead: not done yet).
 
-Checkpoints stay in the one-file format (`core/checkpoint.py`): `full_model_state` and
-`full_optimizer_state` gather them onto rank 0, and `load_optimizer_state` shards a full optimizer
-state again, so a run saved on N ranks resumes on M ranks, or in one process.
+Checkpoints (`core/checkpoint.py`) come in two forms. One file: `full_model_state` and
+`full_optimizer_state` gather the state onto rank 0's CPU, `load_optimizer_state` shards it again.
+Sharded: `save_sharded` has every rank write its own part with torch.distributed.checkpoint (no
+gather: the form for models whose state does not fit one process), `load_sharded_optimizer` reads it
+back resharded. Either way a run saved on N ranks resumes on M ranks, or in one process.
 """
 
 from __future__ import annotations
 
 import contextlib
+import warnings
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -128,6 +132,31 @@ def load_optimizer_state(model: nn.Module, opt: torch.optim.Optimizer, sd: dict[
         ],
     }
     set_optimizer_state_dict(model, opt, by_name, options=StateDictOptions(full_state_dict=True))
+
+
+def save_sharded(model: nn.Module, opt: torch.optim.Optimizer, directory: Path) -> None:
+    """Collective: every rank writes its own shards of the weights and optimizer state into
+    `directory` (torch.distributed.checkpoint; replicated tensors are written once). Nothing is
+    gathered, so it costs no rank more memory than training does."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    msd, osd = get_state_dict(model, opt)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(directory))
+
+
+def load_sharded_optimizer(model: nn.Module, opt: torch.optim.Optimizer, directory: Path) -> None:
+    """Read the optimizer state of a `save_sharded` directory, resharded to this run's ranks (any
+    number, one included); the weights are read by `checkpoint.load_checkpoint`."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_optimizer_state_dict
+
+    _, osd = get_state_dict(model, opt)
+    state = {"optim": osd}
+    with warnings.catch_warnings():  # "... assuming ... a single process": a one-process resume
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=str(directory))
+    set_optimizer_state_dict(model, opt, state["optim"])
 
 
 def unwrap(model: nn.Module) -> nn.Module:

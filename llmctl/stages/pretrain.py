@@ -39,6 +39,7 @@ from llmctl.core.artifacts import (
 )
 from llmctl.core.batches import Source, WindowSampler, val_windows
 from llmctl.core.checkpoint import (
+    SHARDS,
     load_checkpoint,
     load_trainer_state,
     read_optimizer_state,
@@ -61,6 +62,8 @@ from llmctl.core.parallel import (
     full_model_state,
     full_optimizer_state,
     load_optimizer_state,
+    load_sharded_optimizer,
+    save_sharded,
     wrap,
 )
 from llmctl.core.plots import plot_metrics
@@ -137,6 +140,7 @@ class PretrainConfig:
     parallel: Literal["none", "ddp", "fsdp"] = (
         "none"  # with several processes (torchrun): ddp = replicate, fsdp = shard (ZeRO-3)
     )
+    sharded_checkpoints: bool = False  # intermediate checkpoints: per-rank DCP shards, no gather
     seed: int = 0  # initialisation and data order
 
     def __post_init__(self) -> None:
@@ -345,7 +349,9 @@ def _run(
         start, resumed_from = _resume(run_dir, cfg, model, rt)  # weights: into the whole model
     wrapped = wrap(model, mode, rt)  # FSDP shards `model` in place; DDP returns a wrapper
     opt = make_adamw(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
-    if resumed_from is not None:
+    if resumed_from is not None and (resumed_from / SHARDS).is_dir():
+        load_sharded_optimizer(model, opt, resumed_from / SHARDS)
+    elif resumed_from is not None:
         load_optimizer_state(model, opt, read_optimizer_state(resumed_from))
     writing = (
         commit_output(
@@ -396,8 +402,15 @@ def _run(
 
         def save(done: int) -> Path:
             path = out.path / "checkpoints" / f"step-{done:07d}"
-            # Collective under FSDP (all ranks gather); rank 0 alone writes.
-            weights, opt_state = full_model_state(model), full_optimizer_state(model, opt)
+            weights, opt_state, shards = None, None, None
+            if cfg.sharded_checkpoints:  # every rank writes its part; rank 0 moves them in
+                shards = path.with_name(f".{path.name}.shards")
+                if rt.is_main and shards.exists():
+                    shutil.rmtree(shards)
+                barrier()
+                save_sharded(model, opt, shards)
+            else:  # collective under FSDP (all ranks gather); rank 0 alone writes
+                weights, opt_state = full_model_state(model), full_optimizer_state(model, opt)
             if not rt.is_main:
                 return path
             m = Manifest(
@@ -415,6 +428,7 @@ def _run(
                 weights=weights,
                 manifest=m,
                 trainer_state=_trainer_state(done, cfg, rt),
+                shards=shards,
             )
             for old in sorted((out.path / "checkpoints").glob("step-*"))[: -cfg.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)

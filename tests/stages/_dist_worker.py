@@ -1,11 +1,13 @@
 """Run by test_distributed.py under `torchrun --nproc_per_node 2`, not collected by pytest.
 
-Each torchrun launch costs 10-20 s of start-up on 2 cores, so one launch runs several pretrain runs
-in one process group (`pretrain.run` leaves a group it did not create alone):
+Each torchrun launch costs 10-20 s of start-up on 2 cores, so the one launch (`_dist_worker.py OUT
+JSON`) runs every multi-process case in one process group (`pretrain.run` leaves a group it did not
+create alone), in this order:
 
-    train OUT JSON   DDP through the CLI (OUT/ddp), FSDP (OUT/fsdp), then an FSDP resume from
-                     OUT/fsdp's step-3 checkpoint (OUT/resume2)
-    crash OUT JSON   FSDP run (OUT/crash) in which rank 1 dies during step 5
+    OUT/ddp       DDP, through the CLI
+    OUT/fsdp      FSDP; OUT/resume2 resumes from its step-3 checkpoint
+    OUT/sharded   FSDP with sharded checkpoints; OUT/resume2s resumes from its sharded step 3
+    OUT/crash     FSDP, 8 steps, in which rank 1 dies during step 5: the launch fails last
 """
 
 from __future__ import annotations
@@ -33,24 +35,31 @@ def cli_flags(cfg: dict) -> list[str]:
 
 
 def train(out: Path, cfg: dict) -> None:
+    """Every run that should succeed."""
     from llmctl.cli import app
 
     app(
         ["--quiet", "pretrain", "-o", str(out / "ddp"), "--parallel", "ddp", *cli_flags(cfg)],
         standalone_mode=False,
     )
-    fsdp = pretrain.PretrainConfig(**{**cfg, "parallel": "fsdp"})
-    pretrain.run(out / "fsdp", fsdp)
-    if dist.get_rank() == 0:
-        shutil.copytree(
-            out / "fsdp" / "checkpoints" / "step-0000003",
-            pretrain.partial_path(out / "resume2") / "checkpoints" / "step-0000003",
+    for name, sharded in (("fsdp", False), ("sharded", True)):
+        fsdp = pretrain.PretrainConfig(
+            **{**cfg, "parallel": "fsdp", "sharded_checkpoints": sharded}
         )
-    dist.barrier()
-    pretrain.run(out / "resume2", fsdp, resume=True)
+        pretrain.run(out / name, fsdp)
+        resumed = out / ("resume2s" if sharded else "resume2")
+        if dist.get_rank() == 0:
+            shutil.copytree(
+                out / name / "checkpoints" / "step-0000003",
+                pretrain.partial_path(resumed) / "checkpoints" / "step-0000003",
+            )
+        dist.barrier()
+        pretrain.run(resumed, fsdp, resume=True)
 
 
 def crash(out: Path, cfg: dict) -> None:
+    """A run that loses rank 1 (os._exit, as a killed process would) during step 5 of 8."""
+    cfg = {**cfg, "max_steps": 8, "parallel": "fsdp"}
     calls = 0
     per_step = cfg["batch_tokens"] // (cfg["micro_batch"] * cfg["seq_len"] * dist.get_world_size())
 
@@ -62,12 +71,13 @@ def crash(out: Path, cfg: dict) -> None:
         return model(batch[0], targets=batch[1])
 
     pretrain.lm_loss = dying_loss  # the loop looks it up at each run
-    pretrain.run(out / "crash", pretrain.PretrainConfig(**{**cfg, "parallel": "fsdp"}))
+    pretrain.run(out / "crash", pretrain.PretrainConfig(**cfg))
 
 
 if __name__ == "__main__":
-    scenario, out, cfg = sys.argv[1], Path(sys.argv[2]), json.loads(sys.argv[3])
+    out, cfg = Path(sys.argv[1]), json.loads(sys.argv[2])
     cfg["data"] = tuple(cfg["data"])
     dist.init_process_group("gloo")
-    {"train": train, "crash": crash}[scenario](out, cfg)
+    train(out, cfg)
+    crash(out, cfg)
     dist.destroy_process_group()

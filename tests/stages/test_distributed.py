@@ -1,8 +1,9 @@
 """pretrain on 2 processes (torchrun, gloo on CPU): DDP and FSDP reproduce the single-process run
 with the same global batch; checkpoints move between world sizes; a dying rank fails the job.
 
-Two torchrun launches in all (each costs 10-20 s of start-up here); `_dist_worker.py` runs the
-multi-process side, the single-process references run in this process.
+One torchrun launch in all (each costs 10-20 s of start-up here): `_dist_worker.py` runs every
+multi-process case in it and ends with the one that loses a rank; the single-process references and
+resumes run in this process.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -43,9 +45,9 @@ def losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r}
 
 
-def torchrun(cfg: pretrain.PretrainConfig, scenario: str, out: Path) -> subprocess.CompletedProcess:
+def torchrun(cfg: pretrain.PretrainConfig, out: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "LLMCTL_DIST_TIMEOUT": "60"}
-    cmd = [str(TORCHRUN), "--standalone", "--nproc_per_node", "2", str(WORKER), scenario]
+    cmd = [str(TORCHRUN), "--standalone", "--nproc_per_node", "2", str(WORKER)]
     return subprocess.run(
         [*cmd, str(out), json.dumps(to_dict(cfg))],
         capture_output=True,
@@ -62,20 +64,30 @@ def copy_checkpoint(run: Path, step: int, to: Path) -> None:
     shutil.copytree(run / "checkpoints" / name, partial_path(to) / "checkpoints" / name)
 
 
+@dataclass
+class Runs:
+    out: Path
+    launch: subprocess.CompletedProcess
+
+    def __truediv__(self, name: str) -> Path:
+        return self.out / name
+
+
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory, tokens_dir: Path, tiny_pretrain) -> Path:
+def runs(tmp_path_factory: pytest.TempPathFactory, tokens_dir: Path, tiny_pretrain) -> Runs:
     """OUT/ref (one process, 8 rows per micro-step) and, from one torchrun launch with 4 rows on
-    each of 2 ranks, OUT/ddp, OUT/fsdp and OUT/resume2."""
+    each of 2 ranks, OUT/ddp, OUT/fsdp, OUT/sharded (FSDP, sharded checkpoints) and the 2-rank
+    resumes from their step-3 checkpoints, OUT/resume2 and OUT/resume2s; last OUT/crash."""
     out = tmp_path_factory.mktemp("dist")
     pretrain.run(out / "ref", tiny_pretrain(tokens_dir, **{**SETTINGS, "micro_batch": 8}))
-    res = torchrun(tiny_pretrain(tokens_dir, **SETTINGS), "train", out)
-    assert res.returncode == 0, res.stderr[-3000:]
-    return out
+    res = torchrun(tiny_pretrain(tokens_dir, **SETTINGS), out)
+    assert (out / "resume2s" / "manifest.json").is_file(), res.stderr[-3000:]
+    return Runs(out, res)
 
 
 @pytest.mark.slow  # one torchrun launch: DDP, FSDP and a 2-rank resume
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_two_ranks_match_one_process(runs: Path, mode: str) -> None:
+@pytest.mark.parametrize("mode", ["ddp", "fsdp", "sharded"])
+def test_two_ranks_match_one_process(runs: Runs, mode: str) -> None:
     ref, par = losses(runs / "ref"), losses(runs / mode)
     assert sorted(par) == [1, 2, 3, 4, 5]
     assert max(abs(par[s] - ref[s]) for s in ref) < 1e-4, (ref, par)
@@ -87,15 +99,16 @@ def test_two_ranks_match_one_process(runs: Path, mode: str) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(("run", "resumed"), [("fsdp", "resume2"), ("sharded", "resume2s")])
 def test_fsdp_checkpoint_resumes_on_two_ranks_and_on_one(
-    runs: Path, tokens_dir: Path, tiny_pretrain
+    runs: Runs, tokens_dir: Path, tiny_pretrain, run: str, resumed: str
 ) -> None:
     ref = losses(runs / "ref")
-    two = losses(runs / "resume2")
+    two = losses(runs / resumed)
     assert sorted(two) == [4, 5]
     # One process: the rows per micro-step (micro-batch x ranks) stay 8.
-    one = runs / "resume1"
-    copy_checkpoint(runs / "fsdp", 3, one)
+    one = runs / f"{run}-resume1"
+    copy_checkpoint(runs / run, 3, one)
     m = pretrain.run(one, tiny_pretrain(tokens_dir, **{**SETTINGS, "micro_batch": 8}), resume=True)
     assert m.stats["resumed_from_step"] == 3
     one_l = losses(one)
@@ -103,22 +116,30 @@ def test_fsdp_checkpoint_resumes_on_two_ranks_and_on_one(
         assert abs(two[s] - ref[s]) < 1e-4, (s, ref, two)
         assert abs(one_l[s] - ref[s]) < 1e-4, (s, ref, one_l)
     # Other rows per micro-step would draw other data: refused, with the fix.
-    copy_checkpoint(runs / "fsdp", 3, runs / "resume1b")
+    copy_checkpoint(runs / run, 3, runs / f"{run}-resume1b")
     with pytest.raises(ConfigError, match="saved with 2 x 4 rows") as e:
-        pretrain.run(runs / "resume1b", tiny_pretrain(tokens_dir, **SETTINGS), resume=True)
+        pretrain.run(runs / f"{run}-resume1b", tiny_pretrain(tokens_dir, **SETTINGS), resume=True)
     assert e.value.hint.endswith("--micro-batch 8")
 
 
-@pytest.mark.slow  # one torchrun launch
-def test_a_dying_rank_fails_the_job_and_keeps_the_last_checkpoint(
-    tmp_path: Path, tokens_dir: Path, tiny_pretrain
-) -> None:
-    res = torchrun(tiny_pretrain(tokens_dir, **{**SETTINGS, "max_steps": 8}), "crash", tmp_path)
+@pytest.mark.slow
+def test_a_sharded_checkpoint_loads_in_one_process(runs: Runs) -> None:
+    ck = runs / "sharded" / "checkpoints" / "step-0000003"
+    assert (ck / "shards").is_dir()
+    assert not (ck / "model.safetensors").exists()
+    a = load_checkpoint(runs / "fsdp" / "checkpoints" / "step-0000003").model.state_dict()
+    b = load_checkpoint(ck).model.state_dict()  # what export, generate and eval do
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_a_dying_rank_fails_the_job_and_keeps_the_last_checkpoint(runs: Runs) -> None:
+    res = runs.launch
     assert res.returncode != 0
     report = res.stdout + res.stderr
     assert "ChildFailedError" in report, report[-3000:]
     assert "rank      : 1 (local_rank: 1)" in report
     assert "exitcode  : 7" in report
-    assert not (tmp_path / "crash").exists()  # never looks finished
-    ck = partial_path(tmp_path / "crash") / "checkpoints" / "step-0000003"
+    assert not (runs / "crash").exists()  # never looks finished
+    ck = partial_path(runs / "crash") / "checkpoints" / "step-0000003"
     assert load_checkpoint(ck).model_config.n_layers == 2
