@@ -102,3 +102,15 @@ def test_toml_round_trip_with_nested_tables(tmp_path: Path) -> None:
 def test_not_an_artifact(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="neither an artifact"):
         reproduce.plan(tmp_path)
+
+
+def test_run_exits_1_when_the_fingerprint_differs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    corpus.run(tmp_path / "docs", corpus.CorpusConfig(max_docs=5))
+    differs = Manifest(kind="docs", stage="corpus", fingerprint="f" * 64)
+    monkeypatch.setattr(reproduce, "run", lambda recipe, force=False: differs)
+    r = CliRunner().invoke(app, ["reproduce", str(tmp_path / "docs"), "--run"])
+    assert r.exit_code == 1
+    assert "differs from the original" in r.output
+    assert r.output.startswith("llmctl corpus -o ")  # the command is printed first
