@@ -157,8 +157,3 @@ def load_sharded_optimizer(model: nn.Module, opt: torch.optim.Optimizer, directo
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.load(state, checkpoint_id=str(directory))
     set_optimizer_state_dict(model, opt, state["optim"])
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain model under a DDP wrapper (FSDP shards in place: the model itself)."""
-    return getattr(model, "module", model)
