@@ -19,21 +19,25 @@ sees a report pointing at missing plots.
 
 from __future__ import annotations
 
-import json
 import os
-import platform
 import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llmctl import __version__
 from llmctl.core.artifacts import MANIFEST, Manifest, atomic_write_text
 from llmctl.core.config import require
 from llmctl.core.errors import InputError, LlmctlError
 from llmctl.core.progress import SILENT, Progress
 from llmctl.stages import _report_plots as plots
+from llmctl.stages._report_parts import (
+    generate_text,
+    machine,
+    not_run,
+    read_metrics,
+    scalars,
+    table,
+)
 
 # Pipeline order of stages (artifacts are listed in this order, then by creation time).
 ORDER = (
@@ -167,37 +171,6 @@ class _Ctx:
         return [f"![{written.stem}]({self.figs_rel}/{written.name})", ""] if written else []
 
 
-# -- formatting ------------------------------------------------------------------------------------
-
-
-def fmt(v: Any) -> str:
-    """A table cell: thousands separators for counts, 4 significant digits for floats."""
-    if v is None:
-        return "–"
-    if isinstance(v, bool):
-        return str(v)
-    if isinstance(v, int):
-        return f"{v:,}"
-    if isinstance(v, float):
-        return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.4g}"
-    return str(v).replace("|", "\\|").replace("\n", " ")
-
-
-def table(header: list[str], rows: list[list[Any]]) -> list[str]:
-    """A markdown table."""
-    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    out += ["| " + " | ".join(fmt(c) for c in r) + " |" for r in rows]
-    return out + [""]
-
-
-def _scalars(d: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in d.items() if isinstance(v, (int, float, str, bool)) and v is not None}
-
-
-def _not_run(what: str) -> list[str]:
-    return [f"_{what}: not run._", ""]
-
-
 # -- sections --------------------------------------------------------------------------------------
 
 
@@ -276,7 +249,7 @@ def _funnel(ctx: _Ctx) -> list[str]:
     out = ["## Data funnel", ""]
     data = [a for a in ctx.of(*DATA_STAGES) if a.m.config.get("format") not in POST_TRAINING]
     if not data:
-        return out + _not_run("data stages (corpus, crawl-filter, dedup, tokenize)")
+        return out + not_run("data stages (corpus, crawl-filter, dedup, tokenize)")
     chains = lineage(data)
     seen: set[str] = set()  # a source read by two chains is listed once, with the first
     ordered = [a for chain in chains for a in chain if not (a.name in seen or seen.add(a.name))]
@@ -319,9 +292,9 @@ def _funnel(ctx: _Ctx) -> list[str]:
             [[c.get("exact_removed"), c.get("near_removed"), c.get("clusters"), c.get("kept")]],
         )
     if not ctx.of("crawl-filter"):
-        out += _not_run("crawl-filter")
+        out += not_run("crawl-filter")
     if not ctx.of("dedup"):
-        out += _not_run("dedup")
+        out += not_run("dedup")
     return out
 
 
@@ -334,7 +307,7 @@ def _tokenizer(ctx: _Ctx) -> list[str]:
     out = ["## Tokenizer", ""]
     toks = ctx.of("tokenize")
     if not toks:
-        return out + _not_run("tokenize")
+        return out + not_run("tokenize")
     rows = []
     for a in toks:
         t, c, s = a.m.tokenizer or {}, a.m.counts, a.m.stats
@@ -358,26 +331,12 @@ def _tokenizer(ctx: _Ctx) -> list[str]:
     return out + table(header, rows)
 
 
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """metrics.jsonl records; malformed lines (a crash mid-write) are skipped."""
-    recs = []
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(r, dict):
-                recs.append(r)
-    return recs
-
-
 def _training(ctx: _Ctx, progress: Progress) -> list[str]:
     out = ["## Training", ""]
     for stage in TRAIN_STAGES:
         arts = ctx.of(stage)
         if not arts and stage != "dpo":
-            out += [f"### {stage}", ""] + _not_run(stage)
+            out += [f"### {stage}", ""] + not_run(stage)
         for a in arts:
             progress.log(f"plotting {a.name}")
             out += [f"### {stage}: {a.name}", ""]
@@ -393,7 +352,7 @@ def _training(ctx: _Ctx, progress: Progress) -> list[str]:
             )
             if not recs:
                 out += ["_no metrics.jsonl._", ""]
-            rows = {**_scalars(a.m.counts), **_scalars(a.m.stats)}
+            rows = {**scalars(a.m.counts), **scalars(a.m.stats)}
             if isinstance(a.m.stats.get("model"), dict):
                 mm = a.m.stats["model"]
                 rows["model"] = " ".join(
@@ -413,7 +372,7 @@ def _evals(ctx: _Ctx) -> list[str]:
     out = ["## Evaluation", ""]
     evals = [a for a in ctx.arts if a.m.kind == "eval"]
     if not evals:
-        return out + _not_run("eval (llmctl eval ppl / llmctl eval --tasks)")
+        return out + not_run("eval (llmctl eval ppl / llmctl eval --tasks)")
     for a in evals:
         src = ", ".join(Path(i.get("path", "?")).name for i in a.m.inputs)
         out += [f"### {a.m.stage}: {a.name} ({src})", ""]
@@ -426,7 +385,7 @@ def _evals(ctx: _Ctx) -> list[str]:
                 for k, v in ms.items()
             ]
             out += table(["task", "metric", "value"], rows)
-        scal = {**_scalars(a.m.counts), **_scalars(a.m.stats)}
+        scal = {**scalars(a.m.counts), **scalars(a.m.stats)}
         if scal:
             out += table(["", "value"], [[k, v] for k, v in scal.items()])
         for line in a.m.stats.get("skipped", []) or []:
@@ -443,23 +402,27 @@ def _samples(ctx: _Ctx, cfg: ReportConfig, progress: Progress) -> list[str]:
     if cfg.samples:
         out += _generated(ctx, cfg, progress)
     elif not files:
-        out += _not_run(
-            "samples (no *sample*.txt in the run directory; pass --samples to generate)"
-        )
+        out += not_run("samples (no *sample*.txt in the run directory; pass --samples to generate)")
     return out
 
 
 def _generated(ctx: _Ctx, cfg: ReportConfig, progress: Progress) -> list[str]:
     ckpts = [a for a in ctx.of("pretrain", *CHAT_STAGES) if a.m.kind == "checkpoint"]
     if not ckpts:
-        return _not_run("sample generation (no pretrain/sft/dpo/ppo checkpoint)")
+        return not_run("sample generation (no pretrain/sft/dpo/ppo checkpoint)")
     out = []
     for prompt in cfg.prompts:
         out += [f"### Prompt: {prompt}", ""]
         for a in ckpts:
             progress.log(f"sampling {a.name}")
             try:
-                text = generate_text(a.path, prompt, chat=a.m.stage in CHAT_STAGES, cfg=cfg)
+                text = generate_text(
+                    a.path,
+                    prompt,
+                    chat=a.m.stage in CHAT_STAGES,
+                    max_new_tokens=cfg.max_new_tokens,
+                    seed=cfg.seed,
+                )
             except LlmctlError as e:
                 text = f"(could not generate: {e.problem})"
             label = LABELS.get(a.m.stage, a.m.stage)
@@ -467,34 +430,10 @@ def _generated(ctx: _Ctx, cfg: ReportConfig, progress: Progress) -> list[str]:
     return out
 
 
-def generate_text(ckpt: Path, prompt: str, *, chat: bool, cfg: ReportConfig) -> str:
-    """Greedy continuation of `prompt` (as a chat turn for chat checkpoints), on the CPU."""
-    import torch
-
-    from llmctl.core.checkpoint import load_checkpoint
-    from llmctl.core.sampling import SamplingConfig, generate
-
-    c = load_checkpoint(ckpt, device=torch.device("cpu"))
-    tok = c.tokenizer
-    if chat:
-        ids, _ = tok.render_chat([{"role": "user", "content": prompt}], add_generation_prompt=True)
-        stops = [tok.eos_id, tok.end_id]
-    else:
-        ids, stops = tok.encode(prompt, bos=True), [tok.eos_id]
-    scfg = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=0.0)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    with torch.no_grad():
-        new = generate(
-            c.model.eval(), [ids], scfg, stop_ids=stops, generator=gen, pad_id=tok.pad_id
-        )[0]
-    new = [t for t in new if t not in stops]
-    return (prompt if not chat else "") + tok.decode(new)
-
-
 def _timing(ctx: _Ctx) -> list[str]:
     out = ["## Time per stage", ""]
     if not ctx.arts:
-        return out + _not_run("every stage")
+        return out + not_run("every stage")
     total = sum(a.m.wall_time_s or 0 for a in ctx.arts) or 1.0
     rows = [
         [a.name, a.m.stage, a.m.wall_time_s, f"{100 * (a.m.wall_time_s or 0) / total:.1f}%"]
@@ -530,37 +469,3 @@ def _environment(ctx: _Ctx) -> list[str]:
     out += ["", "This report was written on:", ""]
     out += table(["", "value"], [[k, v] for k, v in machine().items()])
     return out
-
-
-def machine() -> dict[str, Any]:
-    """Versions and hardware of this machine."""
-    info: dict[str, Any] = {
-        "llmctl": __version__,
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-        "cpu": _cpu_name(),
-        "cpu cores": os.cpu_count(),
-    }
-    try:
-        import torch
-
-        info["torch"] = torch.__version__
-        if torch.cuda.is_available():
-            n = torch.cuda.device_count()
-            info["gpu"] = f"{n} x {torch.cuda.get_device_name(0)}"
-            info["cuda"] = torch.version.cuda
-        else:
-            info["gpu"] = "none"
-    except ImportError:  # pragma: no cover - torch is a dependency
-        info["torch"] = "not installed"
-    return info
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
