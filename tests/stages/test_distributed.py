@@ -23,6 +23,7 @@ from llmctl.core.artifacts import partial_path
 from llmctl.core.checkpoint import load_checkpoint
 from llmctl.core.config import to_dict
 from llmctl.core.errors import ConfigError
+from llmctl.core.runtime import Runtime
 from llmctl.core.train_loop import read_metrics
 from llmctl.stages import pretrain
 
@@ -143,3 +144,12 @@ def test_a_dying_rank_fails_the_job_and_keeps_the_last_checkpoint(runs: Runs) ->
     assert not (runs / "crash").exists()  # never looks finished
     ck = partial_path(runs / "crash") / "checkpoints" / "step-0000003"
     assert load_checkpoint(ck).model_config.n_layers == 2
+
+
+def test_several_processes_without_a_parallel_mode_are_refused(
+    tokens_dir: Path, tiny_pretrain
+) -> None:
+    rt = Runtime(torch.device("cpu"), "fp32", rank=0, world_size=2)
+    with pytest.raises(ConfigError, match="2 processes but --parallel none") as e:
+        pretrain.run(Path("unused"), tiny_pretrain(tokens_dir), runtime=rt)
+    assert "--parallel ddp" in e.value.hint
