@@ -8,7 +8,8 @@ every row back to the loop with `call_soon_threadsafe`. So the loop stays respon
 runs, and requests that arrive together are decoded together.
 
 Batching policy (static batches, not continuous batching): when the worker is idle and a row
-arrives, it waits `batch_wait_ms` for more, then takes, in arrival order, up to `max_batch` waiting
+arrives, it waits until no new row has arrived for `batch_wait_ms` (at most 5 x that in all, or
+until `max_batch` rows wait), then takes, in arrival order, up to `max_batch` waiting
 rows that share the first row's sampling settings (temperature, top_k, top_p: the generator samples a
 batch with one setting) and fit the context together (longest prompt + largest budget <= context,
 since the batch's KV cache is that long). A row that arrives while a batch runs waits for the next
@@ -34,6 +35,7 @@ from llmctl.core.sampling import SamplingConfig, stream
 from llmctl.core.tokenizer import Tokenizer
 
 FinishReason = Literal["stop", "length"]
+MAX_WAIT_FACTOR = 5  # an idle worker gathers a batch for at most 5 x batch_wait_ms
 
 
 @dataclass(frozen=True)
@@ -172,9 +174,17 @@ class Engine:
                 self._cv.wait()
             if self._closed:
                 return None
-        time.sleep(self.batch_wait)  # let requests that arrive together join this batch
-        with self._cv:
-            return self._take()
+        # Let requests that arrive together join this batch: wait until no new row has come for
+        # `batch_wait` (at most MAX_WAIT_FACTOR times that in all, or until the batch is full).
+        deadline = time.monotonic() + MAX_WAIT_FACTOR * self.batch_wait
+        seen = -1
+        while True:
+            with self._cv:
+                n = len(self._pending)
+                if n == seen or n >= self.max_batch or time.monotonic() >= deadline:
+                    return self._take()
+            seen = n
+            time.sleep(self.batch_wait)
 
     def _take(self) -> list[Row]:
         """Up to max_batch live rows sharing the first one's sampling and fitting the context."""
