@@ -1,4 +1,5 @@
-"""Checkpoint directories: weights in safetensors, everything else in JSON. Nothing is unpickled.
+"""Checkpoint directories: weights in safetensors, everything else in JSON. Nothing is unpickled
+unasked.
 
     model.safetensors          model weights (a tied LM head is stored once, as embed.weight)
     config.json                {"model": ModelConfig, "tokenizer": {fingerprint, vocab_size}, ...}
@@ -8,10 +9,10 @@
     manifest.json              kind "checkpoint", written last (see core/artifacts.py)
     shards/                    instead of the two safetensors files in a sharded checkpoint: weights
                                and optimizer state as torch.distributed.checkpoint shards, written by
-                               every rank of a multi-process run (core/parallel.py); `load_checkpoint`
-                               reads them in one process too, so export, generate, eval take them.
-                               Exception to the rule below: DCP's `.metadata` file is a pickle, so
-                               load sharded checkpoints only from sources you trust (`export`
+                               every rank of a multi-process run (core/parallel.py). DCP's
+                               `.metadata` file is a pickle, so `load_checkpoint` refuses shards
+                               unless told they are trusted: `pretrain --resume` trusts its own run
+                               directory, anything else needs LLMCTL_TRUST_SHARDS=1 (then `export`
                                turns one into the pickle-free one-file form)
 
 A directory is written under a temporary name and renamed, so a crash mid-save leaves the previous
@@ -242,7 +243,11 @@ def check_checkpoint_dir(path: Path) -> dict[str, Any]:
 
 
 def load_checkpoint(
-    path: Path, device: torch.device | str = "cpu", tokenizer: Tokenizer | None = None
+    path: Path,
+    device: torch.device | str = "cpu",
+    tokenizer: Tokenizer | None = None,
+    *,
+    trust_shards: bool = False,
 ) -> Checkpoint:
     """Load a checkpoint's model (fp32, eval mode) and tokenizer.
 
@@ -250,6 +255,9 @@ def load_checkpoint(
         path: Checkpoint directory.
         device: Where to put the weights.
         tokenizer: Use this tokenizer instead of the stored one; its fingerprint must match.
+        trust_shards: Read a sharded checkpoint's `shards/` (its DCP `.metadata` is a pickle, which
+            unpickles arbitrary objects): only for checkpoints this run wrote itself (`--resume`),
+            or when the user opts in with the environment variable LLMCTL_TRUST_SHARDS=1.
 
     Raises:
         InputError: Any file missing, corrupt, truncated or inconsistent, or a tokenizer mismatch.
@@ -271,8 +279,15 @@ def load_checkpoint(
     try:
         if (path / WEIGHTS).is_file():
             sd = load_file(str(path / WEIGHTS), device="cpu")
-        else:
+        elif trust_shards or os.environ.get("LLMCTL_TRUST_SHARDS") == "1":
             sd = _load_shards(path / SHARDS, mcfg)
+        else:
+            raise InputError(
+                f"{path} is a sharded checkpoint: its torch.distributed.checkpoint metadata is a "
+                "pickle, which llmctl does not load unasked",
+                "if you wrote it yourself, set LLMCTL_TRUST_SHARDS=1 (e.g. for `llmctl export`, "
+                "which writes the pickle-free one-file form); `pretrain --resume` reads its own",
+            )
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise InputError(
             f"{path / WEIGHTS} is corrupt or truncated ({e})",
@@ -319,7 +334,9 @@ def load_trainer_state(path: Path, optimizer: torch.optim.Optimizer | None) -> d
     try:
         meta = json.loads((path / STATE_JSON).read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"{path / STATE_JSON} is corrupt ({e})", "resume from an earlier checkpoint") from None
+        raise InputError(
+            f"{path / STATE_JSON} is corrupt ({e})", "resume from an earlier checkpoint"
+        ) from None
     try:
         tensors = load_file(str(path / STATE_TENSORS), device="cpu")
     except (SafetensorError, OSError) as e:

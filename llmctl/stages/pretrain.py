@@ -520,7 +520,7 @@ def _resume(
         raise InputError(
             f"nothing to resume: no checkpoint in {run_dir / 'checkpoints'}", "run without --resume"
         )
-    loaded = load_checkpoint(ckpt, device=rt.device)
+    loaded = load_checkpoint(ckpt, device=rt.device, trust_shards=True)  # this run's own files
     if loaded.model.cfg != model.cfg:
         raise ConfigError(
             f"{ckpt} has a different model shape than this run's flags",

@@ -22,7 +22,7 @@ import torch
 from llmctl.core.artifacts import partial_path
 from llmctl.core.checkpoint import load_checkpoint
 from llmctl.core.config import to_dict
-from llmctl.core.errors import ConfigError
+from llmctl.core.errors import ConfigError, InputError
 from llmctl.core.runtime import Runtime
 from llmctl.core.train_loop import read_metrics
 from llmctl.stages import pretrain
@@ -129,7 +129,9 @@ def test_a_sharded_checkpoint_loads_in_one_process(runs: Runs) -> None:
     assert (ck / "shards").is_dir()
     assert not (ck / "model.safetensors").exists()
     a = load_checkpoint(runs / "fsdp" / "checkpoints" / "step-0000003").model.state_dict()
-    b = load_checkpoint(ck).model.state_dict()  # what export, generate and eval do
+    with pytest.raises(InputError, match="sharded checkpoint"):
+        load_checkpoint(ck)  # a pickle inside: not loaded unasked
+    b = load_checkpoint(ck, trust_shards=True).model.state_dict()  # what LLMCTL_TRUST_SHARDS=1 does
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -143,7 +145,7 @@ def test_a_dying_rank_fails_the_job_and_keeps_the_last_checkpoint(runs: Runs) ->
     assert "exitcode  : 7" in report
     assert not (runs / "crash").exists()  # never looks finished
     ck = partial_path(runs / "crash") / "checkpoints" / "step-0000003"
-    assert load_checkpoint(ck).model_config.n_layers == 2
+    assert load_checkpoint(ck, trust_shards=True).model_config.n_layers == 2
 
 
 def test_several_processes_without_a_parallel_mode_are_refused(
