@@ -2383,31 +2383,6 @@ def _pretrain_plan(
     )
 
 
-# -- stages that later releases add ----------------------------------------------------------------
-
-PLANNED: dict[str, str] = {}  # name -> what it will do; each gets a stub that exits 2
-
-
-def _planned(name: str, what: str) -> None:
-    @app.command(
-        name=name,
-        help=f"(not yet available) {what}.",
-        context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
-    )
-    def _cmd(ctx: typer.Context) -> None:
-        err.print(
-            f"[bold red]error:[/bold red] `llmctl {name}` is not available yet in llmctl {__version__} ({what})"
-        )
-        err.print(
-            "[yellow]hint:[/yellow] see the README's roadmap; `llmctl --help` lists what is available"
-        )
-        raise typer.Exit(2)
-
-
-for _name, _what in PLANNED.items():
-    _planned(_name, _what)
-
-
 def main() -> None:
     """Console-script entry point."""
     app()
