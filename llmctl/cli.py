@@ -1037,7 +1037,9 @@ def sft(
     ] = None,
     output: OutOpt = Path("runs/sft"),
     init: Annotated[str | None, typer.Option(help="Checkpoint to fine-tune (required).")] = None,
-    seq_len: Annotated[int | None, typer.Option(help="Tokens per row (longer chats are cut).")] = None,
+    seq_len: Annotated[
+        int | None, typer.Option(help="Tokens per row (longer chats are cut).")
+    ] = None,
     pack: Annotated[
         bool | None,
         typer.Option(
@@ -1048,11 +1050,15 @@ def sft(
     batch_size: Annotated[int | None, typer.Option(help="Rows per optimizer step.")] = None,
     micro_batch: Annotated[int | None, typer.Option(help="Rows per forward pass.")] = None,
     epochs: Annotated[float | None, typer.Option(help="Passes over the data (default 3).")] = None,
-    max_steps: Annotated[int | None, typer.Option(help="Optimizer steps (overrides --epochs).")] = None,
+    max_steps: Annotated[
+        int | None, typer.Option(help="Optimizer steps (overrides --epochs).")
+    ] = None,
     lr: Annotated[float | None, typer.Option(help="Peak learning rate (default 3e-4).")] = None,
     min_lr: Annotated[float | None, typer.Option(help="Cosine floor (default lr/10).")] = None,
     warmup_steps: Annotated[int | None, typer.Option(help="Linear warmup steps.")] = None,
-    weight_decay: Annotated[float | None, typer.Option(help="AdamW weight decay (matrices).")] = None,
+    weight_decay: Annotated[
+        float | None, typer.Option(help="AdamW weight decay (matrices).")
+    ] = None,
     grad_clip: Annotated[float | None, typer.Option(help="Max gradient norm (0 = off).")] = None,
     val_fraction: Annotated[
         float | None, typer.Option(help="Held-out share of conversations (validation loss).")
@@ -1062,7 +1068,9 @@ def sft(
     lora_rank: Annotated[
         int | None, typer.Option(help="LoRA rank (0 = full fine-tuning); merged into the output.")
     ] = None,
-    lora_alpha: Annotated[float | None, typer.Option(help="LoRA alpha (scale = alpha/rank).")] = None,
+    lora_alpha: Annotated[
+        float | None, typer.Option(help="LoRA alpha (scale = alpha/rank).")
+    ] = None,
     lora_dropout: Annotated[float | None, typer.Option(help="Dropout on the LoRA input.")] = None,
     lora_targets: Annotated[
         str | None, typer.Option(help="Comma-separated layers: wqkv,wo,w13,w2 (default all four).")
@@ -2153,7 +2161,9 @@ def eval_decontam(
     eval_set: Annotated[
         str, typer.Argument(help="Evaluation set: JSONL/Parquet file or dir, one item per row.")
     ],
-    train: Annotated[str, typer.Argument(help="Training docs: docs dataset, Parquet, JSONL, .txt.")],
+    train: Annotated[
+        str, typer.Argument(help="Training docs: docs dataset, Parquet, JSONL, .txt.")
+    ],
     output: OutOpt,
     n: Annotated[int | None, typer.Option("--n", help="Words per n-gram (default 13).")] = None,
     min_overlap: Annotated[

@@ -217,7 +217,13 @@ def test_config_file_then_flags_then_global_seed(tmp_path: Path) -> None:
     )
     assert r.exit_code == 0, r.output
     m = json.loads((tmp_path / "d" / "manifest.json").read_text())
-    assert m["config"] == {"source": "stdlib", "format": "docs", "kinds": ["topics"], "max_docs": 4, "seed": 5}
+    assert m["config"] == {
+        "source": "stdlib",
+        "format": "docs",
+        "kinds": ["topics"],
+        "max_docs": 4,
+        "seed": 5,
+    }
     assert m["counts"]["documents"] == 4
     # The existing output is refused without --force, kept intact, and replaced with it.
     r = runner.invoke(app, ["corpus", "-o", str(tmp_path / "d"), "--max-docs", "2"])
