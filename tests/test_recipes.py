@@ -64,5 +64,5 @@ def test_tiny_makefile_plan(tmp_path: Path) -> None:
             "generate",
         ),
         *("corpus", "sft", "corpus", "rm", "corpus", "ppo", "generate"),
-        "report",
+        *("eval", "eval", "report"),
     ]
