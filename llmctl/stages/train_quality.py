@@ -73,6 +73,26 @@ def _texts(paths: list[str], cfg: TrainQualityConfig) -> Iterator[str]:
                 return
 
 
+def _fit(params: dict, model_path: str) -> str | None:
+    """Child-process body: train and save; return the error text instead of raising."""
+    import fasttext
+
+    try:
+        fasttext.train_supervised(**params).save_model(model_path)
+    except (RuntimeError, ValueError) as e:
+        return str(e)
+    return None
+
+
+def _train_in_child(params: dict, model_path: Path) -> str | None:
+    """Train fastText in a fresh spawned process; None on success, else the error text."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_fit, params, str(model_path)).result()
+
+
 def _held_out(seed: int, label: str, i: int, fraction: float) -> bool:
     h = hashlib.blake2b(f"{seed}:{label}:{i}".encode(), digest_size=8).digest()
     return int.from_bytes(h, "little") / 2**64 < fraction
@@ -120,30 +140,35 @@ def run(
             path = Path(tmp) / "train.txt"
             path.write_text("".join(f"{lab} {line}\n" for lab, line in train), encoding="utf-8")
             # fastText's SGD can diverge ("Encountered NaN") at a high learning rate on small or
-            # skewed data; halve the rate and try again rather than fail, and record what was used.
-            lr = cfg.lr
+            # skewed data; halve the rate (and move the seed) and try again rather than fail, and
+            # record what was used. Each attempt runs in a fresh spawned process: in a long-lived
+            # process that had loaded other native libraries, fastText was seen to report NaN at
+            # every rate on data it trains on cleanly in a process of its own.
+            lr, seed = cfg.lr, cfg.seed
+            params = {
+                "input": str(path),
+                "epoch": cfg.epoch,
+                "dim": cfg.dim,
+                "wordNgrams": cfg.word_ngrams,
+                "minCount": cfg.min_count,
+                "bucket": cfg.bucket,
+                "thread": cfg.threads,
+                "verbose": 0,
+            }
+            model_path = Path(tmp) / MODEL_FILE
             for attempt in range(5):
-                try:
-                    model = fasttext.train_supervised(
-                        input=str(path),
-                        epoch=cfg.epoch,
-                        lr=lr,
-                        dim=cfg.dim,
-                        wordNgrams=cfg.word_ngrams,
-                        minCount=cfg.min_count,
-                        bucket=cfg.bucket,
-                        thread=cfg.threads,
-                        seed=cfg.seed,
-                        verbose=0,
-                    )
+                error = _train_in_child({**params, "lr": lr, "seed": seed}, model_path)
+                if error is None:
                     break
-                except RuntimeError as e:
-                    if "NaN" not in str(e) or attempt == 4:
-                        raise TrainingError(
-                            f"fastText training diverged ({e}) even at lr {lr:g}",
-                            "lower --lr or add training documents",
-                        ) from None
-                    lr /= 2
+                if "NaN" not in error or attempt == 4:
+                    raise TrainingError(
+                        f"fastText training diverged ({error}) even at lr {lr:g}"
+                        if "NaN" in error
+                        else f"fastText training failed ({error})",
+                        "lower --lr or add training documents",
+                    )
+                lr, seed = lr / 2, seed + 1
+            model = fasttext.load_model(str(model_path))
         progress.stop()
         model.save_model(str(out.path / MODEL_FILE))
         scores = _scores(model, [line for _, line in test])
@@ -154,7 +179,7 @@ def run(
             "holdout_positive": int(truth.sum()),
             "holdout_negative": int((~truth).sum()),
         }
-        out.manifest.stats = {**metrics(truth, scores), "lr_used": lr}
+        out.manifest.stats = {**metrics(truth, scores), "lr_used": lr, "seed_used": seed}
         out.manifest.extra = {
             "labels": {"positive": POSITIVE, "negative": NEGATIVE},
             "normalise": "whitespace collapsed to single spaces",
