@@ -1686,27 +1686,41 @@ def inspect(
 
 @app.command(
     epilog="Example: llmctl export runs/sft -o hf/sft   then in Python: "
-    "AutoModelForCausalLM.from_pretrained('hf/sft'), AutoTokenizer.from_pretrained('hf/sft')"
+    "AutoModelForCausalLM.from_pretrained('hf/sft'), AutoTokenizer.from_pretrained('hf/sft')   |   "
+    "llmctl export runs/sft -o sft.gguf --dtype fp16   (llama.cpp)"
 )
 @handle_errors
 def export(
     checkpoint: Annotated[Path, typer.Argument(help="Checkpoint directory.")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Output directory.")],
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="Output directory (or file, for gguf).")
+    ],
     dtype: Annotated[
         str | None, typer.Option(help="Weight dtype: fp32 (default), bf16 or fp16.")
+    ] = None,
+    format: Annotated[
+        str | None,
+        typer.Option(
+            "--format",
+            help="hf (default: a Hugging Face model directory) or gguf (one file for llama.cpp; "
+            "implied by an output ending in .gguf).",
+        ),
     ] = None,
     config: ConfigOpt = None,
     force: ForceOpt = False,
 ) -> None:
-    """Write a checkpoint as a Hugging Face Llama model directory.
+    """Write a checkpoint as a Hugging Face Llama model directory, or as a GGUF file.
 
-    transformers loads it with AutoModelForCausalLM (LlamaForCausalLM) and AutoTokenizer (the same
-    ids as llmctl's tokenizer; `apply_chat_template` renders llmctl's chat template). Reward models
-    are refused.
+    transformers loads the directory with AutoModelForCausalLM (LlamaForCausalLM) and AutoTokenizer
+    (the same ids as llmctl's tokenizer; `apply_chat_template` renders llmctl's chat template).
+    `--format gguf` writes one file for llama.cpp (architecture llama, tokenizer and chat template
+    included). Reward models are refused.
     """
     from llmctl.stages import export as stage
 
-    cfg = make_config(stage.ExportConfig, config, "export", dtype=dtype)
+    if format is None and output.suffix.lower() == ".gguf":
+        format = "gguf"
+    cfg = make_config(stage.ExportConfig, config, "export", dtype=dtype, format=format)
     show_config(cfg)
     m = stage.run(checkpoint, output, cfg, force=force)
     summary(f"export -> {output}", {**m.counts, **m.stats})

@@ -1,4 +1,4 @@
-"""export: checkpoint -> a Hugging Face model directory (kind "hf-model").
+"""export: checkpoint -> a Hugging Face model directory (kind "hf-model") or a GGUF file.
 
 The output loads with `transformers.AutoModelForCausalLM.from_pretrained(DIR)` as a
 `LlamaForCausalLM` and with `AutoTokenizer.from_pretrained(DIR)` as a `LlamaTokenizer`(Fast):
@@ -22,6 +22,12 @@ tokenizers match special tokens in raw text ("<|user|>" typed by a user becomes 
 where llmctl encodes such text as plain characters; pass `split_special_tokens=True` to HF to get
 llmctl's behaviour.
 
+GGUF (`--format gguf`, or an output path ending in ".gguf"): one file for llama.cpp, architecture
+"llama", with the tokenizer and chat template in its metadata; see core/gguf_compat for the tensor
+names and the RoPE row permutation. It is written atomically (temporary name, then rename) and has
+no manifest; provenance is in its metadata (general.name, llmctl.version,
+llmctl.tokenizer_fingerprint).
+
 A reward model (config.json "head": reward) is refused: HF's LlamaForSequenceClassification has no
 bias on its score head, and exporting only its language-model part would pass off an unusable LM.
 """
@@ -29,6 +35,9 @@ bias on its score head, and exporting only its language-model part would pass of
 from __future__ import annotations
 
 import json
+import os
+import sys
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -37,7 +46,7 @@ import torch
 from safetensors.torch import save_file
 
 from llmctl import __version__
-from llmctl.core.artifacts import Manifest, commit_output, input_record
+from llmctl.core.artifacts import Manifest, check_output, commit_output, input_record
 from llmctl.core.checkpoint import check_checkpoint_dir, load_checkpoint
 from llmctl.core.errors import ConfigError, InputError
 from llmctl.core.hf_compat import to_hf_config, to_hf_state_dict
@@ -53,6 +62,8 @@ from llmctl.core.tokenizer import (
 )
 
 KIND = "hf-model"
+GGUF_KIND = "gguf-model"
+FORMATS = ("hf", "gguf")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _HF_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
@@ -61,15 +72,19 @@ _HF_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 class ExportConfig:
     """Settings of `llmctl export`."""
 
-    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"  # weight dtype in model.safetensors
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"  # weight dtype (GGUF keeps norms in fp32)
+    format: Literal["hf", "gguf"] = "hf"  # HF model directory, or one GGUF file for llama.cpp
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ConfigError(f"--dtype must be one of fp32, bf16, fp16, got {self.dtype!r}")
+        if self.format not in FORMATS:
+            raise ConfigError(f"--format must be hf or gguf, got {self.format!r}")
 
 
 def run(src: Path, dst: Path, cfg: ExportConfig, *, force: bool = False) -> Manifest:
-    """Write checkpoint `src` as a Hugging Face Llama model directory `dst`.
+    """Write checkpoint `src` as a Hugging Face Llama model directory `dst` (or, with
+    `cfg.format == "gguf"`, as one GGUF file `dst`: `run_gguf`).
 
     Args:
         src: llmctl checkpoint directory.
@@ -84,6 +99,8 @@ def run(src: Path, dst: Path, cfg: ExportConfig, *, force: bool = False) -> Mani
         InputError: `src` is not a checkpoint, or is a reward model.
     """
     refuse_reward_model(src)
+    if cfg.format == "gguf":
+        return run_gguf(src, dst, cfg, force=force)
     ck = load_checkpoint(src)
     tok, mcfg = ck.tokenizer, ck.model.cfg
     with commit_output(
@@ -113,6 +130,41 @@ def run(src: Path, dst: Path, cfg: ExportConfig, *, force: bool = False) -> Mani
             "architecture": "LlamaForCausalLM",
         }
     return out.manifest
+
+
+def run_gguf(src: Path, dst: Path, cfg: ExportConfig, *, force: bool = False) -> Manifest:
+    """Write checkpoint `src` as one GGUF file `dst` (see core/gguf_compat).
+
+    Returns:
+        A manifest of kind "gguf-model" (not written to disk: a GGUF file is one file).
+    """
+    from llmctl.core.gguf_compat import write_gguf
+
+    dst = Path(dst)
+    check_output(dst, force)
+    if dst.is_dir():
+        raise InputError(f"{dst} is a directory", "GGUF output is one file: give -o NAME.gguf")
+    ck = load_checkpoint(src)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    t0 = time.time()
+    try:
+        n = write_gguf(tmp, ck.model, ck.tokenizer, dtype=cfg.dtype, name=Path(src).resolve().name)
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+    m = Manifest(
+        kind=GGUF_KIND,
+        stage="export",
+        config=asdict(cfg),
+        inputs=[input_record(src, "checkpoint")],
+        command=list(sys.argv),
+    )
+    m.tokenizer = {"fingerprint": ck.tokenizer.fingerprint, "vocab_size": ck.tokenizer.vocab_size}
+    m.counts = {"parameters": sum(p.numel() for p in ck.model.parameters()), "tensors": n}
+    m.stats = {"dtype": cfg.dtype, "bytes": dst.stat().st_size, "architecture": "llama (GGUF)"}
+    m.wall_time_s = round(time.time() - t0, 3)
+    return m
 
 
 def refuse_reward_model(src: Path) -> None:
