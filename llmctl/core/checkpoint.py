@@ -36,7 +36,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from llmctl import __version__
-from llmctl.core.artifacts import Manifest, atomic_write_text, dir_fingerprint
+from llmctl.core.artifacts import Manifest, atomic_write_text, dir_fingerprint, is_artifact
 from llmctl.core.errors import ConfigError, InputError
 from llmctl.core.model import ModelConfig, Transformer
 from llmctl.core.tokenizer import MODEL_FILE, Tokenizer
@@ -360,6 +360,15 @@ def read_optimizer_state(path: Path) -> dict[str, Any] | None:
     if not meta.get("optimizer"):
         return None
     return _unpack_optimizer(load_file(str(path / STATE_TENSORS), device="cpu"), meta["optimizer"])
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """Newest complete `checkpoints/step-N` in a training run directory (None when there is none)."""
+    ckpts = sorted(
+        (Path(run_dir) / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1])
+    )
+    ckpts = [c for c in ckpts if is_artifact(c)]
+    return ckpts[-1] if ckpts else None
 
 
 def load_extra_tensors(path: Path) -> dict[str, torch.Tensor]:

@@ -35,7 +35,6 @@ from llmctl.core.artifacts import (
     Manifest,
     check_output,
     commit_output,
-    is_artifact,
     partial_path,
 )
 from llmctl.core.chatdata import (
@@ -46,7 +45,7 @@ from llmctl.core.chatdata import (
     epoch_order,
     load_preferences,
 )
-from llmctl.core.checkpoint import load_trainer_state
+from llmctl.core.checkpoint import latest_checkpoint, load_trainer_state
 from llmctl.core.config import require, to_dict
 from llmctl.core.errors import ConfigError, InputError
 from llmctl.core.optim import make_adamw
@@ -482,15 +481,6 @@ def train_pairs(
             "runtime": rt.describe(),
         }
     return out.manifest
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """Newest complete `checkpoints/step-N` in a run directory."""
-    ckpts = sorted(
-        (Path(run_dir) / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1])
-    )
-    ckpts = [c for c in ckpts if is_artifact(c)]
-    return ckpts[-1] if ckpts else None
 
 
 def resume_point(

@@ -52,9 +52,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from llmctl.core.artifacts import Manifest, commit_output, input_record, is_artifact, partial_path
+from llmctl.core.artifacts import Manifest, commit_output, input_record, partial_path
 from llmctl.core.chatdata import IGNORE, Prompt, load_prompts
 from llmctl.core.checkpoint import (
+    latest_checkpoint,
     load_checkpoint,
     load_trainer_state,
     model_state,
@@ -556,15 +557,6 @@ def ppo_step(
 
 
 # -- run ------------------------------------------------------------------------------------------
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """Newest complete `checkpoints/step-N` in a run directory."""
-    ckpts = sorted(
-        (run_dir / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1])
-    )
-    ckpts = [c for c in ckpts if is_artifact(c)]
-    return ckpts[-1] if ckpts else None
 
 
 def _trainer_state(cfg: PPOConfig, step: int, kl: KLController) -> dict[str, Any]:

@@ -40,6 +40,7 @@ from llmctl.core.artifacts import (
 from llmctl.core.batches import Source, WindowSampler, val_windows
 from llmctl.core.checkpoint import (
     SHARDS,
+    latest_checkpoint,
     load_checkpoint,
     load_trainer_state,
     read_optimizer_state,
@@ -275,15 +276,6 @@ def plan(cfg: PretrainConfig, vocab_size: int, world_size: int = 1) -> dict:
         "params": param_count(mcfg),
         "flops_per_token": flops_per_token(mcfg, cfg.seq_len),
     }
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """Newest complete `checkpoints/step-N` in a run directory."""
-    ckpts = sorted(
-        (run_dir / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1])
-    )
-    ckpts = [c for c in ckpts if is_artifact(c)]
-    return ckpts[-1] if ckpts else None
 
 
 def run(

@@ -46,6 +46,7 @@ from llmctl.core.chatdata import (
     pack,
 )
 from llmctl.core.checkpoint import (
+    latest_checkpoint,
     load_checkpoint,
     load_extra_tensors,
     load_trainer_state,
@@ -58,7 +59,6 @@ from llmctl.core.plots import plot_metrics
 from llmctl.core.progress import SILENT, Progress
 from llmctl.core.runtime import Runtime
 from llmctl.core.train_loop import Schedule, read_metrics, train, truncate_metrics
-from llmctl.stages.pretrain import latest_checkpoint
 
 # Settings a resumed run must share with the run it resumes.
 TRAJECTORY = (
