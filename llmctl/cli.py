@@ -1531,12 +1531,19 @@ def chat(
     ] = None,
     top_p: Annotated[float | None, typer.Option(help="Nucleus sampling mass (1 = off).")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, mps.")] = None,
+    load: Annotated[
+        Path | None,
+        typer.Option(
+            help="Resume a conversation saved with /save FILE (--system replaces its own)."
+        ),
+    ] = None,
     config: ConfigOpt = None,
 ) -> None:
     """Multi-turn chat with a checkpoint in the terminal (chat template, streamed replies).
 
-    Commands: /reset, /save FILE (the conversation as JSON), /quit (or Ctrl-D). When the history
-    outgrows the context, the oldest turns are dropped with a notice (the system message stays).
+    Commands: /reset, /save FILE (the conversation as JSON), /load FILE (resume one, as --load
+    does at start), /quit (or Ctrl-D). When the history outgrows the context, the oldest turns are
+    dropped with a notice (the system message stays).
     With piped stdin each line is one user message and each reply is printed, so scripts can drive it.
     """
     from llmctl.stages import chat as stage
@@ -1553,7 +1560,7 @@ def chat(
         device=device,
     )
     show_config(cfg)
-    session = stage.open_session(checkpoint, cfg)
+    session = stage.open_session(checkpoint, cfg, load=load)
     tty = sys.stdin.isatty()
     if tty and not STATE.quiet:
         err.print(

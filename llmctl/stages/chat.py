@@ -15,6 +15,8 @@ error event) and the history is left as it was.
 Commands (a line whose first word is one of these; anything else is a message):
     /reset        forget the conversation (the system message stays)
     /save FILE    write {"messages": [...]} as one JSON line (a valid line of an SFT chat file)
+    /load FILE    replace the conversation with one written by /save (`llmctl chat --load FILE`
+                  does the same at start); a bad file is refused and the history is kept
     /quit, /exit  end the session
     /help         list the commands
 """
@@ -31,6 +33,7 @@ import torch
 
 from llmctl.core.checkpoint import load_checkpoint
 from llmctl.core.config import require
+from llmctl.core.errors import InputError
 from llmctl.core.model import Transformer
 from llmctl.core.runtime import Runtime
 from llmctl.core.sampling import SamplingConfig, stream
@@ -38,9 +41,10 @@ from llmctl.core.tokenizer import Tokenizer
 
 EventKind = Literal["text", "end", "info", "warn", "error", "quit"]
 HELP = (
-    "/reset forget the conversation   /save FILE write it as JSON   /quit end   "
-    "(any other line is a message)"
+    "/reset forget the conversation   /save FILE write it as JSON   /load FILE resume a saved one"
+    "   /quit end   (any other line is a message)"
 )
+ROLES = ("system", "user", "assistant")
 
 
 @dataclass(frozen=True)
@@ -104,6 +108,23 @@ class ChatSession:
         """Forget the conversation, keeping the system message."""
         self.messages = [{"role": "system", "content": self.cfg.system}] if self.cfg.system else []
 
+    def load(self, path: Path) -> None:
+        """Replace the conversation with one saved by `save` (see `resume`).
+
+        Raises:
+            InputError: The file is missing, unreadable, not JSON, or not {"messages": [...]}.
+        """
+        self.resume(read_conversation(path))
+
+    def resume(self, messages: list[dict[str, str]]) -> None:
+        """Replace the conversation with `messages` (checked by `read_conversation`). A `--system`
+        given to this session replaces their system message (or is added when they have none);
+        an over-long history is trimmed at the next message, as usual."""
+        if self.cfg.system:
+            rest = messages[1:] if messages and messages[0]["role"] == "system" else messages
+            messages = [{"role": "system", "content": self.cfg.system}, *rest]
+        self.messages = messages
+
     def save(self, path: Path) -> None:
         """Write the conversation as one JSON line: {"messages": [...]}."""
         line = json.dumps({"messages": self.messages}, ensure_ascii=False)
@@ -120,6 +141,8 @@ class ChatSession:
             yield Event("info", "conversation cleared")
         elif word == "/save":
             yield self._save_event(arg.strip())
+        elif word == "/load":
+            yield self._load_event(arg.strip())
         elif word == "/help":
             yield Event("info", HELP)
         elif line.strip():
@@ -133,6 +156,15 @@ class ChatSession:
         except OSError as e:
             return Event("error", f"cannot write {arg}: {e.strerror or e}")
         return Event("info", f"saved {len(self.messages)} messages to {arg}")
+
+    def _load_event(self, arg: str) -> Event:
+        if not arg:
+            return Event("error", "usage: /load FILE")
+        try:
+            self.load(Path(arg).expanduser())
+        except InputError as e:
+            return Event("error", e.problem)
+        return Event("info", f"loaded {len(self.messages)} messages from {arg}")
 
     def say(self, text: str) -> Iterator[Event]:
         """Add a user message, fit the history into the context, and stream the reply.
@@ -212,12 +244,53 @@ class ChatSession:
         yield from self.tok.decode_stream(ids())
 
 
-def open_session(ckpt: Path, cfg: ChatConfig) -> ChatSession:
-    """Load a checkpoint and start a conversation with it.
+def read_conversation(path: Path) -> list[dict[str, str]]:
+    """Read a conversation written by `/save`: one JSON object {"messages": [{role, content}, ...]}
+    (a line of an SFT chat file; surrounding whitespace is fine).
 
     Raises:
-        InputError: The checkpoint is missing, incomplete or inconsistent.
+        InputError: The file is missing or unreadable, is not JSON, or has another shape (each
+            problem in one line that names the file).
     """
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InputError(f"conversation file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"cannot read conversation file {path}: {e}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InputError(
+            f"{path} is not JSON ({e.msg} at line {e.lineno}); expected one line "
+            '{"messages": [...]} as /save writes it'
+        ) from None
+    if not isinstance(data, dict) or not isinstance(data.get("messages"), list):
+        raise InputError(f'{path} is not a saved conversation: expected {{"messages": [...]}}')
+    messages = []
+    for i, m in enumerate(data["messages"]):
+        ok = isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)
+        if not ok:
+            raise InputError(
+                f'{path}: message {i} is not {{"role": system|user|assistant, "content": str}}'
+            )
+        if m["role"] == "system" and i > 0:
+            raise InputError(f"{path}: message {i} is a system message; only the first may be")
+        messages.append({"role": m["role"], "content": m["content"]})
+    return messages
+
+
+def open_session(ckpt: Path, cfg: ChatConfig, *, load: Path | None = None) -> ChatSession:
+    """Load a checkpoint and start a conversation with it, resuming the one saved in `load`.
+
+    Raises:
+        InputError: The checkpoint is missing, incomplete or inconsistent, or `load` is not a
+            conversation saved by /save (checked first, before the model is loaded).
+    """
+    messages = read_conversation(load) if load is not None else None
     rt = Runtime.detect(cfg.device, "fp32")
     c = load_checkpoint(ckpt, device=rt.device)
-    return ChatSession(c.model, c.tokenizer, cfg, device=str(rt.device))
+    session = ChatSession(c.model, c.tokenizer, cfg, device=str(rt.device))
+    if messages is not None:
+        session.resume(messages)
+    return session

@@ -164,3 +164,90 @@ def test_bad_sampling_flag_is_a_usage_error(base_ckpt: Path) -> None:
     r = runner.invoke(app, ["chat", str(base_ckpt), "--top-p", "0"], input="Hi\n")
     assert r.exit_code == 2
     assert "--top-p" in r.stderr
+
+
+def test_load_resumes_a_saved_conversation(loaded: object, tmp_path: Path) -> None:
+    s = session(loaded, system="sys")
+    reply(s, "Hi there")
+    reply(s, f"/save {tmp_path / 'conv.json'}")
+    expected = reply(s, "And then?")[0]
+    resumed = session(loaded)  # no --system: the file's system message is kept
+    _, ev = reply(resumed, f"/load {tmp_path / 'conv.json'}")
+    assert ev == [Event("info", f"loaded 3 messages from {tmp_path / 'conv.json'}")]
+    assert reply(resumed, "And then?")[0] == expected  # greedy: as if never interrupted
+    assert resumed.messages == s.messages
+    other = session(loaded, system="new")  # --system replaces the saved one
+    other.load(tmp_path / "conv.json")
+    assert other.messages[0] == {"role": "system", "content": "new"}
+    assert other.messages[1:] == s.messages[1:3]
+    reply(other, "/reset")  # the session's own system message stays
+    assert other.messages == [{"role": "system", "content": "new"}]
+
+
+BAD_FILES = {
+    "missing": (None, "does not exist"),
+    "not_json": ("{'messages': []}\n", "is not JSON"),
+    "no_messages": ('{"turns": []}\n', 'expected {"messages": [...]}'),
+    "a_list": ('[{"role": "user", "content": "x"}]\n', 'expected {"messages": [...]}'),
+    "bad_role": ('{"messages": [{"role": "bot", "content": "x"}]}\n', "message 0 is not"),
+    "no_content": ('{"messages": [{"role": "user"}]}\n', "message 0 is not"),
+    "late_system": (
+        '{"messages": [{"role": "user", "content": "x"}, {"role": "system", "content": "y"}]}',
+        "message 1 is a system message",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_FILES))
+def test_load_refuses_a_bad_file_and_keeps_the_history(
+    loaded: object, tmp_path: Path, name: str
+) -> None:
+    text, message = BAD_FILES[name]
+    path = tmp_path / f"{name}.json"
+    if text is not None:
+        path.write_text(text, encoding="utf-8")
+    s = session(loaded, system="sys")
+    reply(s, "Hi")
+    before = list(s.messages)
+    _, ev = reply(s, f"/load {path}")
+    assert [e.kind for e in ev] == ["error"]
+    assert message in ev[0].text
+    assert str(path) in ev[0].text
+    assert s.messages == before
+    assert reply(s, "/load")[1] == [Event("error", "usage: /load FILE")]
+
+
+def test_chat_cli_load_resumes_from_piped_stdin(
+    base_ckpt: Path, loaded: object, tmp_path: Path
+) -> None:
+    s = session(loaded, system="S")
+    reply(s, "Hi")
+    s.save(tmp_path / "c.json")
+    expected = reply(s, "What is a list?")[0]
+    r = runner.invoke(
+        app,
+        ["chat", str(base_ckpt), "--temperature", "0", "--max-new-tokens", "8"]
+        + ["--load", str(tmp_path / "c.json")],
+        input=f"What is a list?\n/save {tmp_path / 'd.json'}\n",
+    )
+    assert r.exit_code == 0, r.output
+    assert r.stdout == f"{expected}\n"
+    saved = json.loads((tmp_path / "d.json").read_text(encoding="utf-8"))["messages"]
+    assert saved == s.messages
+
+
+@pytest.mark.parametrize("name", ["missing", "not_json", "bad_role"])
+def test_chat_cli_load_bad_file_is_one_error_line(
+    base_ckpt: Path, tmp_path: Path, name: str
+) -> None:
+    text, message = BAD_FILES[name]
+    path = tmp_path / f"{name}.json"
+    if text is not None:
+        path.write_text(text, encoding="utf-8")
+    r = runner.invoke(app, ["chat", str(base_ckpt), "--load", str(path)], input="Hi\n")
+    assert r.exit_code == 2
+    assert r.stdout == ""
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith("error:")
+    assert message in lines[0]
