@@ -33,7 +33,7 @@ from llmctl.core.checkpoint import (
     write_checkpoint_files,
 )
 from llmctl.core.errors import InputError
-from llmctl.core.model import Transformer
+from llmctl.core.model import ModelConfig, Transformer
 from llmctl.core.tokenizer import Tokenizer
 
 HEAD_FILE = "head.safetensors"
@@ -71,6 +71,11 @@ class RewardModel(nn.Module):
         self.backbone = backbone
         self.head = head if head is not None else ScalarHead(backbone.cfg.d_model)
         self.head.to(backbone.embed.weight.device)
+
+    @property
+    def cfg(self) -> ModelConfig:
+        """The backbone's architecture."""
+        return self.backbone.cfg
 
     def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Rewards of right-padded rows.
@@ -112,9 +117,23 @@ def pad_right(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor,
     return ids, lengths
 
 
-def write_head(directory: Path, head: ScalarHead) -> None:
-    """Write head.safetensors into a checkpoint directory being built."""
-    save_file(head.tensors(), str(Path(directory) / HEAD_FILE), metadata={"kind": "reward"})
+def write_head(directory: Path, head: dict[str, torch.Tensor]) -> None:
+    """Write head.safetensors (`ScalarHead.tensors()`) into a checkpoint directory being built."""
+    save_file(head, str(Path(directory) / HEAD_FILE), metadata={"kind": "reward"})
+
+
+def split_state(
+    rm: RewardModel, weights: dict[str, torch.Tensor] | None
+) -> tuple[dict[str, torch.Tensor] | None, dict[str, torch.Tensor]]:
+    """(backbone weights, head tensors) of a reward model's whole state dict (`rm.state_dict()`
+    keys, e.g. gathered from FSDP shards); (None, the head's own tensors) without one."""
+    if weights is None:
+        return None, rm.head.tensors()
+    backbone = {k[len("backbone.") :]: v for k, v in weights.items() if k.startswith("backbone.")}
+    if rm.cfg.tie_embeddings:
+        backbone.pop("lm_head.weight", None)  # stored once, as embed.weight
+    head = {k: weights[f"head.proj.{k}"].detach().contiguous().cpu() for k in ("weight", "bias")}
+    return backbone, head
 
 
 def save_reward_model(
@@ -122,15 +141,20 @@ def save_reward_model(
     rm: RewardModel,
     tokenizer: Tokenizer,
     *,
-    optimizer: torch.optim.Optimizer | None = None,
+    optimizer: torch.optim.Optimizer | dict[str, Any] | None = None,
     trainer_state: dict[str, Any] | None = None,
     manifest: Manifest | None = None,
+    weights: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write a reward-model checkpoint atomically (the backbone checkpoint plus head.safetensors).
+
+    `weights`: the whole model's state dict to store instead of `rm`'s own (one gathered from
+    FSDP shards, say); `optimizer` may be a state dict too.
 
     Returns:
         `path`.
     """
+    backbone, head = split_state(rm, weights)
     return save_checkpoint(
         path,
         rm.backbone,
@@ -139,7 +163,8 @@ def save_reward_model(
         trainer_state=trainer_state,
         manifest=manifest,
         extra_config={"head": REWARD_HEAD},
-        extra_files=lambda d: write_head(d, rm.head),
+        weights=backbone,
+        extra_files=lambda d: write_head(d, head),
     )
 
 
@@ -148,10 +173,13 @@ def write_reward_model_files(
     rm: RewardModel,
     tokenizer: Tokenizer,
     *,
-    optimizer: torch.optim.Optimizer | None = None,
+    optimizer: torch.optim.Optimizer | dict[str, Any] | None = None,
     trainer_state: dict[str, Any] | None = None,
+    weights: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    """Write a reward model's files (no manifest) into a directory being committed."""
+    """Write a reward model's files (no manifest) into a directory being committed (arguments as
+    in `save_reward_model`)."""
+    backbone, head = split_state(rm, weights)
     write_checkpoint_files(
         directory,
         rm.backbone,
@@ -159,8 +187,9 @@ def write_reward_model_files(
         optimizer=optimizer,
         trainer_state=trainer_state,
         extra_config={"head": REWARD_HEAD},
+        weights=backbone,
     )
-    write_head(directory, rm.head)
+    write_head(directory, head)
 
 
 def load_reward_model(

@@ -13,6 +13,12 @@ A batch of B pairs is 2B right-padded rows, the B chosen answers first, then the
 token) and next-token targets that are set only on the answer's loss tokens (DPO sums their
 log-probabilities). Which pairs a micro-batch holds is a pure function of (seed, step, micro), so a
 resumed run sees exactly the batches an uninterrupted one would.
+
+Several processes (`--parallel ddp|fsdp` under torchrun; core/data_parallel.py): a micro-step draws
+micro-batch x ranks pairs in the single-process order and each rank trains on its own share, so the
+mean of the ranks' losses (every rank holds as many pairs) is the single-process loss of the global
+micro-batch. Held-out scoring runs every pair on every rank; the training-pair metrics are gathered
+from all ranks.
 """
 
 from __future__ import annotations
@@ -31,12 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmctl.core.artifacts import (
-    Manifest,
-    check_output,
-    commit_output,
-    partial_path,
-)
+from llmctl.core.artifacts import Manifest, check_output, partial_path
 from llmctl.core.chatdata import (
     IGNORE,
     PairExample,
@@ -45,18 +46,42 @@ from llmctl.core.chatdata import (
     epoch_order,
     load_preferences,
 )
-from llmctl.core.checkpoint import latest_checkpoint, load_trainer_state
+from llmctl.core.checkpoint import latest_checkpoint, load_trainer_state, read_optimizer_state
 from llmctl.core.config import require, to_dict
+from llmctl.core.data_parallel import (
+    cat_over_ranks,
+    check_resume_rows,
+    effective_mode,
+    grad_accum,
+    on_ranks,
+    rank_share,
+    wrap_around,
+    writer,
+)
 from llmctl.core.errors import ConfigError, InputError
 from llmctl.core.optim import make_adamw
+from llmctl.core.parallel import (
+    Parallel,
+    full_model_state,
+    full_optimizer_state,
+    load_optimizer_state,
+)
 from llmctl.core.plots import plot_metrics
 from llmctl.core.progress import SILENT, Progress
 from llmctl.core.runtime import Runtime
 from llmctl.core.tokenizer import Tokenizer
 from llmctl.core.train_loop import Schedule, read_metrics, train, truncate_metrics
 
-# Settings that do not change the trajectory: a resumed run may differ in these.
-FREE_ON_RESUME = ("device", "eval_every", "save_every", "keep_checkpoints")
+# Settings that do not change the trajectory: a resumed run may differ in these (micro_batch is
+# per rank: micro-batch x ranks must stay, checked separately).
+FREE_ON_RESUME = (
+    "device",
+    "eval_every",
+    "save_every",
+    "keep_checkpoints",
+    "parallel",
+    "micro_batch",
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -68,8 +93,8 @@ class PairTrainConfig:
     val_fraction: float = 0.1  # share of pairs held out (grouped by prompt; 0 = none)
     epochs: float = 1.0  # passes over the training pairs (unless --max-steps)
     max_steps: int | None = None  # optimizer steps; overrides --epochs
-    batch_size: int = 32  # pairs per optimizer step
-    micro_batch: int = 8  # pairs per forward pass (2x rows: chosen and rejected)
+    batch_size: int = 32  # pairs per optimizer step, all ranks together
+    micro_batch: int = 8  # pairs per forward pass on each rank (2x rows: chosen and rejected)
     max_len: int = 512  # tokens of prompt + answer (the prompt keeps at most its last half)
     lr: float = 1e-5  # peak learning rate
     min_lr: float | None = None  # floor of the cosine decay (default lr / 10)
@@ -83,6 +108,9 @@ class PairTrainConfig:
     keep_checkpoints: int = 2  # newest intermediate checkpoints kept
     device: str = "auto"  # auto, cpu, cuda, cuda:1, mps
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto = bf16 where supported
+    parallel: Literal["none", "ddp", "fsdp"] = (
+        "none"  # with several processes (torchrun): ddp = replicate, fsdp = shard (ZeRO-3)
+    )
     seed: int = 0  # head initialisation, held-out split and pair order
 
     def __post_init__(self) -> None:
@@ -104,6 +132,10 @@ class PairTrainConfig:
         require(self.max_len >= 8, f"--max-len must be >= 8, got {self.max_len}")
         require(self.lr > 0, f"--lr must be > 0, got {self.lr}")
         require(self.warmup_steps >= 0, f"--warmup-steps must be >= 0, got {self.warmup_steps}")
+        require(
+            self.parallel in ("none", "ddp", "fsdp"),
+            f"--parallel must be none, ddp or fsdp, got {self.parallel!r}",
+        )
         require(
             self.keep_checkpoints >= 1,
             f"--keep-checkpoints must be >= 1, got {self.keep_checkpoints}",
@@ -265,19 +297,23 @@ Rewards = Callable[[nn.Module, PairBatch], tuple[torch.Tensor, torch.Tensor]]
 class PairStage:
     """What a pair-training stage plugs into `train_pairs`.
 
-    model: the trained module (all its parameters with requires_grad go to the optimizer).
+    model: the trained module (all its parameters with requires_grad go to the optimizer), built
+        around a decoder whose transformer blocks are `blocks` (FSDP shards each).
     rewards: (model, batch) -> (r_chosen, r_rejected), each (B,) fp32.
-    save: (path, manifest, optimizer, trainer_state) -> writes a checkpoint atomically.
-    write_files: (directory, optimizer, trainer_state) -> the final checkpoint's files (no manifest).
+    save: (path, manifest, state) -> writes a checkpoint atomically. `state` holds `weights`
+        (`model`'s whole state dict, gathered from the ranks), `optimizer` (its state as one process
+        holds it) and `trainer_state`.
+    write_files: (directory, state) -> the final checkpoint's files (no manifest).
     load_weights: copy weights from a checkpoint into `model` (resume).
     """
 
     name: str
     model: nn.Module
+    blocks: nn.ModuleList
     tokenizer: Tokenizer
     rewards: Rewards
-    save: Callable[[Path, Manifest, torch.optim.Optimizer, dict[str, Any]], Any]
-    write_files: Callable[[Path, torch.optim.Optimizer, dict[str, Any]], Any]
+    save: Callable[[Path, Manifest, dict[str, Any]], Any]
+    write_files: Callable[[Path, dict[str, Any]], Any]
     load_weights: Callable[[Path], None]
     inputs: list[dict[str, Any]] = field(default_factory=list)
 
@@ -340,42 +376,77 @@ def train_pairs(
     """Train `stage.model` on preference pairs and commit the final checkpoint to `dst`.
 
     Layout as in pretrain: `<dst>.partial/` holds `checkpoints/step-N/` and `metrics.jsonl` while
-    training; the final checkpoint, `loss.png` and the manifest land in `dst`.
+    training; the final checkpoint, `loss.png` and the manifest land in `dst`. Under torchrun every
+    rank calls this; all return the manifest rank 0 wrote.
 
     Raises:
-        InputError / ConfigError: nothing to resume, or resuming with other settings.
+        InputError / ConfigError: nothing to resume, or resuming with other settings; several
+            processes without a parallel mode, or a batch size they do not divide.
         TrainingError: the loss became non-finite.
     """
     dst = Path(dst)
+    mode = effective_mode(cfg.parallel, rt)
+    progress = progress if rt.is_main else SILENT
+    return on_ranks(
+        dst,
+        rt,
+        lambda: _train_pairs(dst, cfg, data, stage, rt, mode, force, resume, progress),
+    )
+
+
+def _train_pairs(
+    dst: Path,
+    cfg: PairTrainConfig,
+    data: PairData,
+    stage: PairStage,
+    rt: Runtime,
+    mode: Parallel,
+    force: bool,
+    resume: bool,
+    progress: Progress,
+) -> Manifest:
     conf = to_dict(cfg)
-    opt = make_adamw(stage.model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
-    start = 0
-    if resume:
-        start, ckpt = resume_point(partial_path(dst), opt, conf)
+    accum = grad_accum(cfg.batch_size, cfg.micro_batch, rt.world_size, "pairs")
+    start, ckpt = 0, None
+    if resume:  # the weights go into the whole model, before it is wrapped
+        start, ckpt = resume_point(partial_path(dst), conf, rt)
         stage.load_weights(ckpt)
-    accum = cfg.batch_size // cfg.micro_batch
+    module = stage.model
+    wrapped = wrap_around(module, stage.blocks, mode, rt)  # FSDP shards `module` in place
+    opt = make_adamw(module, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
+    if ckpt is not None and (opt_state := read_optimizer_state(ckpt)) is not None:
+        load_optimizer_state(module, opt, opt_state)  # read_optimizer_state restored the RNG
     steps = total_steps(len(data.train), cfg.batch_size, cfg.epochs, cfg.max_steps)
     pad = stage.tokenizer.pad_id
     mean_tokens = sum(
         2 * len(p.prompt) + len(p.chosen) + len(p.rejected) for p in data.train
     ) / len(data.train)
     inputs = [data.input, *stage.inputs]
-    running: list[torch.Tensor] = []  # (2, B) rewards of the training pairs since the last eval
+    running: list[torch.Tensor] = []  # (2, B) rewards of this rank's pairs since the last eval
 
-    with commit_output(
+    def state(done: int) -> dict[str, Any]:
+        """What a checkpoint holds (a collective under FSDP: rank 0 gets the tensors)."""
+        return {
+            "weights": full_model_state(module),
+            "optimizer": full_optimizer_state(module, opt),
+            "trainer_state": {"step": done, "config": conf, "world_size": rt.world_size},
+        }
+
+    with writer(
         dst,
-        kind="checkpoint",
-        stage=stage.name,
+        rt,
+        stage.name,
         config=conf,
         inputs=inputs,
         force=force,
         keep_partial_on_error=True,
         fresh=not resume,
     ) as out:
-        (out.path / "checkpoints").mkdir(exist_ok=True)
         metrics = out.path / "metrics.jsonl"
-        if resume:
-            truncate_metrics(metrics, start)
+        if rt.is_main:
+            (out.path / "checkpoints").mkdir(exist_ok=True)
+            if resume:
+                truncate_metrics(metrics, start)
         val_ref = data.val_ref
         init_val = (
             pair_metrics(*score_pairs(stage, data.val, val_ref, cfg.micro_batch, rt), "val_")
@@ -384,14 +455,15 @@ def train_pairs(
         )
 
         def batch(step: int, micro: int) -> PairBatch:
-            idx = pair_indices(
+            every_rank = pair_indices(
                 step,
                 micro,
-                micro_batch=cfg.micro_batch,
+                micro_batch=cfg.micro_batch * rt.world_size,
                 grad_accum=accum,
                 n=len(data.train),
                 seed=cfg.seed,
             )
+            idx = rank_share(every_rank, rt)
             ref = None if data.train_ref is None else data.train_ref[idx]
             return collate_pairs([data.train[i] for i in idx], pad, ref).to(rt.device)
 
@@ -402,6 +474,9 @@ def train_pairs(
 
         def save(done: int) -> Path:
             path = out.path / "checkpoints" / f"step-{done:07d}"
+            st = state(done)
+            if not rt.is_main:
+                return path
             m = Manifest(
                 kind="checkpoint",
                 stage=stage.name,
@@ -409,7 +484,7 @@ def train_pairs(
                 inputs=inputs,
                 counts={"steps": done},
             )
-            stage.save(path, m, opt, {"step": done, "config": conf})
+            stage.save(path, m, st)
             for old in sorted((out.path / "checkpoints").glob("step-*"))[: -cfg.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
             return path
@@ -417,7 +492,7 @@ def train_pairs(
         def train_metrics() -> dict[str, float]:
             if not running:
                 return {}
-            r = torch.cat(running, dim=1)
+            r = cat_over_ranks(torch.cat(running, dim=1), rt.device)
             running.clear()
             res = pair_metrics(r[0], r[1], "train_")
             res.pop("train_loss", None)  # the loop logs the per-step loss already
@@ -445,9 +520,9 @@ def train_pairs(
             tokens_per_step=round(mean_tokens * cfg.batch_size),
         )
         t0 = time.perf_counter()
-        stage.model.train()
+        module.train()
         result = train(
-            stage.model,
+            wrapped,
             opt,
             rt,
             schedule,
@@ -456,11 +531,14 @@ def train_pairs(
             loss_fn=loss_fn,
             save=save,
             evaluate=evaluate,
-            metrics_path=metrics,
+            metrics_path=metrics if rt.is_main else None,
             progress=progress,
         )
-        stage.model.eval()
-        stage.write_files(out.path, opt, {"step": result.step, "config": conf})
+        module.eval()
+        final = state(result.step)
+        if not rt.is_main:
+            return out.manifest
+        stage.write_files(out.path, final)
         plot_metrics(read_metrics(metrics), out.path / "loss.png", title=f"{stage.name} {dst.name}")
         out.manifest.tokenizer = {
             "fingerprint": stage.tokenizer.fingerprint,
@@ -483,11 +561,9 @@ def train_pairs(
     return out.manifest
 
 
-def resume_point(
-    run_dir: Path, optimizer: torch.optim.Optimizer, config: dict[str, Any]
-) -> tuple[int, Path]:
-    """Find the newest checkpoint of an interrupted run, restore the optimizer and RNG state, and
-    check the run's settings match (the caller loads the weights from the returned path).
+def resume_point(run_dir: Path, config: dict[str, Any], rt: Runtime) -> tuple[int, Path]:
+    """Find the newest checkpoint of an interrupted run and check the run's settings match (the
+    caller loads the weights and, once the model is wrapped, the optimizer from the returned path).
 
     Returns:
         (completed steps, checkpoint path).
@@ -501,7 +577,7 @@ def resume_point(
             f"nothing to resume: no checkpoint in {Path(run_dir) / 'checkpoints'}",
             "run without --resume",
         )
-    state = load_trainer_state(ckpt, optimizer)
+    state = load_trainer_state(ckpt, None)
     saved = state.get("config", {})
     diff = [
         k for k, v in config.items() if k not in FREE_ON_RESUME and k in saved and saved[k] != v
@@ -511,6 +587,7 @@ def resume_point(
             f"--resume with different settings than the run being resumed: {', '.join(diff)}",
             f"pass the original flags (they are in {ckpt / 'trainer_state.json'})",
         )
+    check_resume_rows(state, config["micro_batch"], rt)
     return int(state["step"]), ckpt
 
 

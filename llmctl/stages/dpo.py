@@ -14,21 +14,30 @@ reference model is freed: training holds one model, and the reference cannot dri
 chosen and rejected rewards. At step 0 the policy equals the reference, so every margin is 0 and
 the loss is log 2. The loop, schedule, checkpoints, resume and metrics are shared with rm
 (core/pairs.py). Output: a plain LM checkpoint (`generate`, `eval`, `ppo --init`).
+
+Several processes (`--parallel ddp|fsdp` under torchrun): every rank computes the reference
+log-probs of all pairs itself (once, before the policy is wrapped: no communication, and the same
+numbers everywhere), then trains on its share of each micro-step's pairs. The policy is trained
+through `AnswerLogprobs`, a module whose forward returns the answers' log-probs, so DDP and FSDP
+see the LM head used inside a forward (FSDP gathers it for the whole call).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch import nn
 
 from llmctl.core.artifacts import Manifest, check_output, input_record
 from llmctl.core.chatdata import IGNORE
 from llmctl.core.checkpoint import load_checkpoint, save_checkpoint, write_checkpoint_files
 from llmctl.core.config import require
+from llmctl.core.data_parallel import effective_mode
 from llmctl.core.errors import InputError
-from llmctl.core.model import Transformer
+from llmctl.core.model import ModelConfig, Transformer
 from llmctl.core.pairs import (
     PairBatch,
     PairData,
@@ -79,6 +88,7 @@ def run(
     if not resume:
         check_output(dst, force)
     rt = runtime or Runtime.detect(cfg.device, cfg.precision)
+    effective_mode(cfg.parallel, rt)  # several processes without a mode: refused before loading
     ck = load_checkpoint(Path(cfg.init), device=rt.device)
     policy, tok = ck.model, ck.tokenizer
     data = load_pair_data(cfg, tok, policy.cfg.max_seq_len)
@@ -93,10 +103,17 @@ def run(
     _add_reference(data, ref.model if ref is not None else policy, tok.pad_id, cfg.micro_batch, rt)
     del ref
 
-    def rewards(model: torch.nn.Module, b: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    def rewards(model: nn.Module, b: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
         assert b.ref is not None
-        r = cfg.beta * (sequence_logprobs(model, b) - b.ref)
+        r = cfg.beta * (model(b.ids, b.targets) - b.ref)  # model: AnswerLogprobs, maybe wrapped
         return r[: b.n_pairs], r[b.n_pairs :]
+
+    def files(st: dict[str, Any]) -> dict[str, Any]:
+        """save_checkpoint's arguments from the trained module's state: the policy's weights."""
+        weights = {k[len("policy.") :]: v for k, v in st["weights"].items()}
+        if policy.cfg.tie_embeddings:
+            weights.pop("lm_head.weight", None)  # stored once, as embed.weight
+        return {**st, "weights": weights}
 
     def load_weights(path: Path) -> None:
         policy.load_state_dict(
@@ -108,30 +125,44 @@ def run(
         inputs.append(input_record(cfg.ref, "checkpoint"))
     stage = PairStage(
         name="dpo",
-        model=policy,
+        model=AnswerLogprobs(policy),
+        blocks=policy.layers,
         tokenizer=tok,
         rewards=rewards,
-        save=lambda p, m, opt, st: save_checkpoint(
-            p, policy, tok, optimizer=opt, trainer_state=st, manifest=m
-        ),
-        write_files=lambda d, opt, st: write_checkpoint_files(
-            d, policy, tok, optimizer=opt, trainer_state=st
-        ),
+        save=lambda p, m, st: save_checkpoint(p, policy, tok, manifest=m, **files(st)),
+        write_files=lambda d, st: write_checkpoint_files(d, policy, tok, **files(st)),
         load_weights=load_weights,
         inputs=inputs,
     )
     return train_pairs(dst, cfg, data, stage, rt, force=force, resume=resume, progress=progress)
 
 
-def sequence_logprobs(model: torch.nn.Module, b: PairBatch) -> torch.Tensor:
+class AnswerLogprobs(nn.Module):
+    """The policy as DPO trains it: (ids, targets) -> each row's summed answer log-probs. One
+    forward reads the decoder and its LM head, which DDP and FSDP need to see (core/data_parallel)."""
+
+    def __init__(self, policy: Transformer) -> None:
+        super().__init__()
+        self.policy = policy
+
+    @property
+    def cfg(self) -> ModelConfig:
+        """The policy's architecture."""
+        return self.policy.cfg
+
+    def forward(self, ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """(2B, T) ids and next-token targets (IGNORE off the answer) -> (2B,) fp32 sums."""
+        hidden = self.policy(ids, hidden=True)  # (2B, T, d_model)
+        if token_logprobs is not None:
+            return token_logprobs(hidden, self.policy.lm_head.weight, targets).sum(-1)
+        logp = torch.log_softmax(self.policy.lm_head(hidden).float(), dim=-1)  # (2B, T, vocab)
+        picked = logp.gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)
+        return torch.where(targets != IGNORE, picked, 0.0).sum(-1)
+
+
+def sequence_logprobs(model: Transformer, b: PairBatch) -> torch.Tensor:
     """Sum of the answer tokens' log-probabilities per row, (2B,) fp32."""
-    assert isinstance(model, Transformer)
-    hidden = model(b.ids, hidden=True)  # (2B, T, d_model)
-    if token_logprobs is not None:
-        return token_logprobs(hidden, model.lm_head.weight, b.targets).sum(-1)
-    logp = torch.log_softmax(model.lm_head(hidden).float(), dim=-1)  # (2B, T, vocab)
-    picked = logp.gather(-1, b.targets.clamp(min=0)[..., None]).squeeze(-1)
-    return torch.where(b.targets != IGNORE, picked, 0.0).sum(-1)
+    return AnswerLogprobs(model)(b.ids, b.targets)
 
 
 @torch.no_grad()

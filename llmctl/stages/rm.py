@@ -8,7 +8,9 @@ rejected answers go through the model in one batch of right-padded rows. Held-ou
 `val_margin` (mean r_chosen - r_rejected), before training (`*_init`) and every `--eval-every`
 steps. Departure from InstructGPT: each pair is its own example (they batch all K-choose-2
 comparisons of one prompt together); the whole backbone is trained, at a low learning rate.
-The loop, schedule, checkpoints, resume and metrics are shared with dpo (core/pairs.py).
+The loop, schedule, checkpoints, resume and metrics are shared with dpo (core/pairs.py), and so
+is `--parallel ddp|fsdp` under torchrun (FSDP shards the backbone's blocks, then the whole reward
+model, head included, as the root).
 
 Output: a checkpoint directory that loads as a reward model (`load_reward_model`, used by ppo) and,
 since it keeps the LM head, as a plain LM (`generate`).
@@ -37,6 +39,7 @@ from llmctl.core.chatdata import (
 )
 from llmctl.core.checkpoint import load_checkpoint
 from llmctl.core.config import require, to_dict
+from llmctl.core.data_parallel import effective_mode
 from llmctl.core.heads import (
     RewardModel,
     is_reward_model,
@@ -75,6 +78,7 @@ def run(
     if not resume:
         check_output(dst, force)
     rt = runtime or Runtime.detect(cfg.device, cfg.precision)
+    effective_mode(cfg.parallel, rt)  # several processes without a mode: refused before loading
     torch.manual_seed(cfg.seed)  # the head's initialisation
     if is_reward_model(Path(cfg.init)):  # continue training a reward model, head included
         rm, tok = load_reward_model(Path(cfg.init), device=rt.device)
@@ -89,14 +93,11 @@ def run(
     stage = PairStage(
         name="rm",
         model=rm,
+        blocks=rm.backbone.layers,
         tokenizer=tok,
         rewards=rewards,
-        save=lambda p, m, opt, st: save_reward_model(
-            p, rm, tok, optimizer=opt, trainer_state=st, manifest=m
-        ),
-        write_files=lambda d, opt, st: write_reward_model_files(
-            d, rm, tok, optimizer=opt, trainer_state=st
-        ),
+        save=lambda p, m, st: save_reward_model(p, rm, tok, manifest=m, **st),
+        write_files=lambda d, st: write_reward_model_files(d, rm, tok, **st),
         load_weights=load_weights,
         inputs=[input_record(cfg.init, "checkpoint")],
     )

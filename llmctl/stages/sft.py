@@ -19,6 +19,13 @@ later stages load them unchanged); the adapters themselves ride in the trainer s
 
 Everything else - warmup + cosine schedule, accumulation, clipping, non-finite guard, checkpoints,
 metrics.jsonl, loss.png, the `<out>.partial` run directory - is the shared loop of pretrain.
+
+Several processes (`torchrun --nproc_per_node N -m llmctl sft ... --parallel ddp|fsdp`): each rank
+trains on its own share of every micro-step's rows (`--micro-batch` per rank, `--batch-size`
+global; core/data_parallel.py). Ranks hold different numbers of target tokens, so each rank's
+token-mean loss is weighted by its share of the micro-step's target tokens: the update is the one
+a single process makes with micro-batch x N rows. LoRA runs under DDP; with FSDP it is refused
+(the merge and the adapter state read whole weights, which FSDP keeps sharded).
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from llmctl.core.artifacts import Manifest, commit_output, input_record, partial_path
+from llmctl.core.artifacts import Manifest, input_record, partial_path
 from llmctl.core.chatdata import (
     IGNORE,
     Batch,
@@ -50,11 +57,28 @@ from llmctl.core.checkpoint import (
     load_checkpoint,
     load_extra_tensors,
     load_trainer_state,
+    read_optimizer_state,
     save_checkpoint,
+    write_checkpoint_files,
 )
 from llmctl.core.config import require, to_dict
+from llmctl.core.data_parallel import (
+    check_resume_rows,
+    effective_mode,
+    grad_accum,
+    on_ranks,
+    rank_share,
+    writer,
+)
 from llmctl.core.errors import ConfigError, InputError
 from llmctl.core.optim import make_adamw
+from llmctl.core.parallel import (
+    Parallel,
+    full_model_state,
+    full_optimizer_state,
+    load_optimizer_state,
+    wrap,
+)
 from llmctl.core.plots import plot_metrics
 from llmctl.core.progress import SILENT, Progress
 from llmctl.core.runtime import Runtime
@@ -113,6 +137,9 @@ class SFTConfig:
     device: str = "auto"  # auto, cpu, cuda, cuda:N, mps
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto = bf16 where supported
     compile: bool = False  # torch.compile the model
+    parallel: Literal["none", "ddp", "fsdp"] = (
+        "none"  # with several processes (torchrun): ddp = replicate, fsdp = shard (ZeRO-3)
+    )
     seed: int = 0  # split, packing and batch order
 
     def __post_init__(self) -> None:
@@ -134,6 +161,16 @@ class SFTConfig:
             0 <= self.val_fraction < 1, f"--val-fraction must be in [0, 1), got {self.val_fraction}"
         )
         require(self.lora_rank >= 0, f"--lora-rank must be >= 0, got {self.lora_rank}")
+        require(
+            self.parallel in ("none", "ddp", "fsdp"),
+            f"--parallel must be none, ddp or fsdp, got {self.parallel!r}",
+        )
+        if self.lora_rank and self.parallel == "fsdp":
+            raise ConfigError(
+                "--lora-rank with --parallel fsdp is not supported: merging the adapters and "
+                "saving them read whole weights, which FSDP keeps sharded",
+                "use --parallel ddp (LoRA's optimizer state is small enough to replicate)",
+            )
 
 
 def split(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -166,13 +203,17 @@ def plan_rows(examples: list[Example], cfg: SFTConfig) -> _Plan:
     return _Plan(rows, per_epoch, steps)
 
 
-def step_rows(plan: _Plan, cfg: SFTConfig, step: int, micro: int) -> list[list[int]]:
+def step_rows(
+    plan: _Plan, cfg: SFTConfig, step: int, micro: int, width: int | None = None
+) -> list[list[int]]:
     """The rows of micro-batch `micro` of optimizer step `step`: epoch e visits the rows in a seeded
-    order, wrapping around to fill its last step (so every micro-batch is full)."""
+    order, wrapping around to fill its last step (so every micro-batch is full). `width` is the
+    rows of one micro-step over all ranks (default: --micro-batch, one process)."""
+    width = width or cfg.micro_batch
     epoch, k = divmod(step, plan.steps_per_epoch)
     order = epoch_order(len(plan.rows), cfg.seed, epoch)
-    start = k * cfg.batch_size + micro * cfg.micro_batch
-    return [plan.rows[order[(start + j) % len(order)]] for j in range(cfg.micro_batch)]
+    start = k * cfg.batch_size + micro * width
+    return [plan.rows[order[(start + j) % len(order)]] for j in range(width)]
 
 
 def masked_lm_loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
@@ -194,12 +235,31 @@ def run(
 ) -> Manifest:
     """Fine-tune `cfg.init` on `cfg.data` and write the chat checkpoint to `dst`.
 
+    Under torchrun every rank calls this; all return the same manifest, written by rank 0.
+
     Raises:
         InputError: Bad data or checkpoint; ConfigError: inconsistent settings;
         TrainingError: the loss became non-finite (the last checkpoint stays in `<dst>.partial`).
     """
     dst = Path(dst)
     rt = runtime or Runtime.detect(cfg.device, cfg.precision)
+    mode = effective_mode(cfg.parallel, rt)
+    progress = progress if rt.is_main else SILENT
+    return on_ranks(
+        dst, rt, lambda: _run(dst, cfg, rt, mode, force=force, resume=resume, progress=progress)
+    )
+
+
+def _run(
+    dst: Path,
+    cfg: SFTConfig,
+    rt: Runtime,
+    mode: Parallel,
+    *,
+    force: bool,
+    resume: bool,
+    progress: Progress,
+) -> Manifest:
     torch.manual_seed(cfg.seed)
     ckpt = load_checkpoint(Path(cfg.init), device=rt.device)
     model, tok = ckpt.model.train(), ckpt.tokenizer
@@ -218,30 +278,34 @@ def run(
             "raise --seq-len or check the data",
         )
     plan = plan_rows(train_ex, cfg)
+    accum = grad_accum(cfg.batch_size, cfg.micro_batch, rt.world_size)
     trainable = _setup_lora(model, cfg)
-    opt = make_adamw(model, cfg.lr, cfg.weight_decay, (0.9, 0.95))
     inputs = [src.record(), input_record(cfg.init, "checkpoint")]
-    run_dir = partial_path(dst)
-    start = 0
-    if resume:
-        start = _resume(run_dir, cfg, model, opt)
-    with commit_output(
+    start, resumed_from = 0, None
+    if resume:  # the weights go into the whole model, before it is wrapped
+        start, resumed_from = _resume(partial_path(dst), cfg, model, rt)
+    wrapped = wrap(model, mode, rt)  # FSDP shards `model` in place; DDP returns a wrapper
+    opt = make_adamw(model, cfg.lr, cfg.weight_decay, (0.9, 0.95))
+    if resumed_from is not None:  # also restores the RNG state
+        load_optimizer_state(model, opt, read_optimizer_state(resumed_from))
+    with writer(
         dst,
-        kind="checkpoint",
-        stage="sft",
+        rt,
+        "sft",
         config=to_dict(cfg),
         inputs=inputs,
         force=force,
         keep_partial_on_error=True,
         fresh=not resume,
     ) as out:
-        (out.path / "checkpoints").mkdir(exist_ok=True)
         metrics = out.path / "metrics.jsonl"
-        if resume:
-            truncate_metrics(metrics, start)
+        if rt.is_main:
+            (out.path / "checkpoints").mkdir(exist_ok=True)
+            if resume:
+                truncate_metrics(metrics, start)
         schedule = Schedule(
             total_steps=plan.steps,
-            grad_accum=cfg.batch_size // cfg.micro_batch,
+            grad_accum=accum,
             lr=cfg.lr,
             min_lr=cfg.min_lr if cfg.min_lr is not None else cfg.lr / 10,
             warmup_steps=min(cfg.warmup_steps, plan.steps // 10 + 1),
@@ -252,15 +316,38 @@ def run(
         )
         seq = cfg.seq_len if cfg.pack else None
 
-        def batch(step: int, micro: int) -> Batch:
-            rows = step_rows(plan, cfg, step, micro)
-            return collate(train_ex, rows, tok.pad_id, seq).to(rt.device)
+        def targets(rows: list[list[int]]) -> int:
+            return sum(train_ex[i].n_loss for r in rows for i in r)
+
+        def batch(step: int, micro: int) -> tuple[Batch, float]:
+            rows = step_rows(plan, cfg, step, micro, cfg.micro_batch * rt.world_size)
+            mine = rank_share(rows, rt)
+            b = collate(train_ex, mine, tok.pad_id, seq).to(rt.device)
+            if rt.world_size == 1:
+                return b, 1.0
+            # Gradients are averaged over ranks: weighting each rank's token mean by ranks x its
+            # share of the micro-step's target tokens makes the update that of the global mean.
+            return b, rt.world_size * targets(mine) / targets(rows)
+
+        def loss_fn(m: torch.nn.Module, mb: tuple[Batch, float]) -> torch.Tensor:
+            return masked_lm_loss(m, mb[0]) * mb[1]
 
         def save(done: int) -> Path:
             path = out.path / "checkpoints" / f"step-{done:07d}"
-            _save(path, model, tok, opt, cfg, inputs, done, trainable)
-            for old in sorted((out.path / "checkpoints").glob("step-*"))[: -cfg.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
+            state = _checkpoint_state(model, opt, cfg, rt, done)  # collective under FSDP
+            if rt.is_main:
+                m = Manifest(
+                    kind="checkpoint",
+                    stage="sft",
+                    config=to_dict(cfg),
+                    inputs=inputs,
+                    counts={"steps": done},
+                )
+                save_checkpoint(path, model, tok, manifest=m, **state)
+                for old in sorted((out.path / "checkpoints").glob("step-*"))[
+                    : -cfg.keep_checkpoints
+                ]:
+                    shutil.rmtree(old, ignore_errors=True)
             return path
 
         val_rows = (
@@ -270,6 +357,7 @@ def run(
         )
 
         def evaluate() -> dict[str, float]:
+            # Every rank scores every held-out row: under FSDP each forward is a collective.
             total, count = 0.0, 0
             for i in range(0, len(val_rows), cfg.micro_batch):
                 b = collate(val_ex, val_rows[i : i + cfg.micro_batch], tok.pad_id).to(rt.device)
@@ -286,7 +374,7 @@ def run(
             return {"val_loss": total / max(count, 1)}
 
         t0 = time.perf_counter()
-        train_model = torch.compile(model) if cfg.compile else model
+        train_model = torch.compile(wrapped) if cfg.compile else wrapped
         result = train(
             train_model,
             opt,
@@ -294,13 +382,16 @@ def run(
             schedule,
             start_step=start,
             batch=batch,
-            loss_fn=masked_lm_loss,
+            loss_fn=loss_fn,
             save=save,
             evaluate=evaluate if val_ex else None,
-            metrics_path=metrics,
+            metrics_path=metrics if rt.is_main else None,
             progress=progress,
         )
-        _save_files(out.path, model, tok, opt, cfg, result.step, trainable)
+        state = _checkpoint_state(model, opt, cfg, rt, result.step)
+        if not rt.is_main:
+            return out.manifest
+        write_checkpoint_files(out.path, model, tok, **state)
         plot_metrics(read_metrics(metrics), out.path / "loss.png", title=f"sft {dst.name}")
         out.manifest.tokenizer = {"fingerprint": tok.fingerprint, "vocab_size": tok.vocab_size}
         n_loss = sum(e.n_loss for e in train_ex)
@@ -347,54 +438,33 @@ def _setup_lora(model: torch.nn.Module, cfg: SFTConfig) -> list[torch.nn.Paramet
     )
 
 
-def _weights_and_extra(model: torch.nn.Module, cfg: SFTConfig) -> tuple[dict | None, dict | None]:
-    if not cfg.lora_rank:
-        return None, None
-    from llmctl.core.lora import lora_state_dict, merged_state_dict
+def _checkpoint_state(
+    model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: SFTConfig, rt: Runtime, step: int
+) -> dict:
+    """The keyword arguments of save_checkpoint / write_checkpoint_files for this step: plain
+    (LoRA-merged) weights, the optimizer state as one process holds it, the adapters as extra
+    tensors. A collective under FSDP (every rank calls it; rank 0 gets the tensors)."""
+    extra = None
+    if cfg.lora_rank:  # never sharded (LoRA with FSDP is refused)
+        from llmctl.core.lora import lora_state_dict, merged_state_dict
 
-    weights = merged_state_dict(model)
-    if model.cfg.tie_embeddings:
-        weights.pop("lm_head.weight", None)
-    return weights, {f"lora.{k}": v for k, v in lora_state_dict(model).items()}
-
-
-def _save(path, model, tok, opt, cfg, inputs, done, trainable) -> None:  # noqa: ANN001
-    weights, extra = _weights_and_extra(model, cfg)
-    m = Manifest(
-        kind="checkpoint",
-        stage="sft",
-        config=to_dict(cfg),
-        inputs=inputs,
-        counts={"steps": done},
-    )
-    save_checkpoint(
-        path,
-        model,
-        tok,
-        optimizer=opt,
-        manifest=m,
-        trainer_state={"step": done, "config": to_dict(cfg)},
-        weights=weights,
-        extra_tensors=extra,
-    )
+        weights = merged_state_dict(model)
+        if model.cfg.tie_embeddings:
+            weights.pop("lm_head.weight", None)
+        extra = {f"lora.{k}": v for k, v in lora_state_dict(model).items()}
+    else:
+        weights = full_model_state(model)
+    return {
+        "weights": weights,
+        "optimizer": full_optimizer_state(model, opt),
+        "trainer_state": {"step": step, "config": to_dict(cfg), "world_size": rt.world_size},
+        "extra_tensors": extra,
+    }
 
 
-def _save_files(directory, model, tok, opt, cfg, step, trainable) -> None:  # noqa: ANN001
-    from llmctl.core.checkpoint import write_checkpoint_files
-
-    weights, extra = _weights_and_extra(model, cfg)
-    write_checkpoint_files(
-        directory,
-        model,
-        tok,
-        optimizer=opt,
-        trainer_state={"step": step, "config": to_dict(cfg)},
-        weights=weights,
-        extra_tensors=extra,
-    )
-
-
-def _resume(run_dir: Path, cfg: SFTConfig, model: torch.nn.Module, opt) -> int:  # noqa: ANN001
+def _resume(run_dir: Path, cfg: SFTConfig, model: torch.nn.Module, rt: Runtime) -> tuple[int, Path]:
+    """Check the run being resumed and load its weights (or adapters) into the unwrapped model;
+    the optimizer is loaded once the model is wrapped. Returns (step, checkpoint)."""
     ckpt = latest_checkpoint(run_dir) if run_dir.is_dir() else None
     if ckpt is None:
         raise InputError(
@@ -404,12 +474,18 @@ def _resume(run_dir: Path, cfg: SFTConfig, model: torch.nn.Module, opt) -> int: 
     saved = state.get("config", {})
     names = {f.name for f in fields(SFTConfig)}
     now = to_dict(cfg)
-    diff = [k for k in TRAJECTORY if k in names and k in saved and now[k] != saved[k]]
+    # micro_batch is per rank: what fixes a micro-step's rows is micro_batch x ranks (checked next).
+    diff = [
+        k
+        for k in TRAJECTORY
+        if k in names and k in saved and k != "micro_batch" and now[k] != saved[k]
+    ]
     if diff:
         raise ConfigError(
             f"--resume with different settings than the run being resumed: {', '.join(diff)}",
             f"pass the original flags (they are in {ckpt / 'trainer_state.json'})",
         )
+    check_resume_rows(state, cfg.micro_batch, rt)
     if cfg.lora_rank:
         from llmctl.core.lora import load_lora_state_dict
 
@@ -420,5 +496,4 @@ def _resume(run_dir: Path, cfg: SFTConfig, model: torch.nn.Module, opt) -> int: 
     else:
         loaded = load_checkpoint(ckpt, device="cpu")
         model.load_state_dict(loaded.model.state_dict())
-    load_trainer_state(ckpt, opt)
-    return int(state["step"])
+    return int(state["step"]), ckpt

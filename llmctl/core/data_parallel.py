@@ -1,0 +1,150 @@
+"""Data parallelism for the fine-tuning stages (sft, rm, dpo): the plumbing pretrain does inline.
+
+Under `torchrun --nproc_per_node N -m llmctl sft|rm|dpo ... --parallel ddp|fsdp` every rank runs
+the whole stage. Each micro-step of an optimizer step draws `micro_batch x N` rows (or pairs) in
+the single-process order and every rank takes its own contiguous share of them (`rank_share`), so
+`--micro-batch` is per rank, `--batch-size` is global, and a run on N ranks takes the optimizer
+steps of one process with `micro_batch x N` rows per micro-step. The model is wrapped from outside
+(`core/parallel.py`; `wrap_around` for the modules built around a decoder: a reward model, DPO's
+log-prob reader). Rank 0 alone writes (`writer`); the others return the manifest it committed
+(`on_ranks`). Evaluation runs every held-out row on every rank: under FSDP each forward is a
+collective, so all ranks must make the same calls, and the numbers come out the same everywhere.
+
+Checkpoints are the one-file format, gathered from the shards under FSDP, and record the world
+size: a run resumes as long as micro-batch x ranks stays the same (`check_resume_rows`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from llmctl.core.artifacts import Manifest, Output, commit_output, partial_path
+from llmctl.core.distributed import active, barrier, process_group
+from llmctl.core.errors import ConfigError
+from llmctl.core.parallel import Parallel, wrap
+from llmctl.core.runtime import Runtime
+
+T = TypeVar("T")
+
+
+def effective_mode(mode: Parallel, rt: Runtime) -> Parallel:
+    """The parallel mode this run uses: `mode` with several processes, "none" in one.
+
+    Raises:
+        ConfigError: Several processes but no mode (each would train its own copy).
+    """
+    if rt.world_size > 1 and mode == "none":
+        raise ConfigError(
+            f"{rt.world_size} processes but --parallel none: each would train its own copy",
+            "pass --parallel ddp (replicated) or --parallel fsdp (sharded)",
+        )
+    return mode if rt.world_size > 1 else "none"
+
+
+def grad_accum(batch_size: int, micro_batch: int, world_size: int, unit: str = "rows") -> int:
+    """Micro-steps per optimizer step: `batch_size` (global) over micro-batch x ranks.
+
+    Raises:
+        ConfigError: `batch_size` is not a multiple of micro-batch x ranks.
+    """
+    per = micro_batch * world_size
+    if batch_size % per:
+        raise ConfigError(
+            f"--batch-size {batch_size} is not a multiple of --micro-batch x ranks = "
+            f"{micro_batch} x {world_size} = {per} {unit}",
+            f"use --batch-size {max(per, round(batch_size / per) * per)}",
+        )
+    return batch_size // per
+
+
+def rank_share(items: Sequence[T], rt: Runtime) -> list[T]:
+    """This rank's contiguous share of one micro-step's rows (`len(items)` divides evenly)."""
+    n = len(items) // rt.world_size
+    return list(items[rt.rank * n : (rt.rank + 1) * n])
+
+
+def cat_over_ranks(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Every rank's `t` (one shape on all ranks) concatenated along the last dim, on the CPU; `t`
+    itself in one process. Collective: every rank calls it. `device` is where the backend
+    exchanges tensors (NCCL: the rank's GPU)."""
+    if not active():
+        return t
+    t = t.to(device).contiguous()
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t)
+    return torch.cat(parts, dim=-1).cpu()
+
+
+def wrap_around(outer: nn.Module, blocks: nn.ModuleList, mode: Parallel, rt: Runtime) -> nn.Module:
+    """`parallel.wrap` for a module built around a decoder (its `blocks` inside, a head beside).
+
+    FSDP shards every block, then `outer` as the root, so the root's parameters (embedding, final
+    norm, LM head and any extra head) are gathered for the whole of `outer.forward`: code there
+    may read them directly (DPO's chunked log-probs read the LM head weight). DDP and none are
+    `parallel.wrap`'s. Build the optimizer after this call.
+    """
+    if mode != "fsdp":
+        return wrap(outer, mode, rt)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(rt.device.type, (rt.world_size,))
+    for block in blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(outer, mesh=mesh)
+    return outer
+
+
+def writer(dst: Path, rt: Runtime, stage: str, **commit: Any) -> contextlib.AbstractContextManager:
+    """`commit_output(dst, kind="checkpoint", ...)` on rank 0; elsewhere a stand-in `Output` on the
+    same run directory (for reading checkpoints back), which writes and commits nothing."""
+    if rt.is_main:
+        return commit_output(dst, kind="checkpoint", stage=stage, **commit)
+    stand_in = Output(partial_path(dst), Manifest(kind="checkpoint", stage=stage))
+    return contextlib.nullcontext(stand_in)
+
+
+def on_ranks(dst: Path, rt: Runtime, body: Callable[[], Manifest]) -> Manifest:
+    """Run a stage's body inside the process group (a no-op in one process); every rank returns
+    the manifest rank 0 committed to `dst`."""
+    with process_group(rt):
+        m = body()
+        barrier()  # the other ranks read the manifest once rank 0 has renamed the output into place
+        return m if rt.is_main else Manifest.read(Path(dst))
+
+
+def check_resume_rows(state: dict[str, Any], micro_batch: int, rt: Runtime) -> None:
+    """A resumed run must draw the rows per micro-step its checkpoint was trained with.
+
+    Args:
+        state: The checkpoint's trainer_state.json (`config.micro_batch`, `world_size`).
+        micro_batch: This run's --micro-batch.
+        rt: This run's runtime.
+
+    Raises:
+        ConfigError: micro-batch x ranks differs from the saved run's.
+    """
+    then_ranks = int(state.get("world_size", 1))
+    rows_then = int(state.get("config", {}).get("micro_batch", micro_batch)) * then_ranks
+    if rows_then == micro_batch * rt.world_size:
+        return
+    fix = f"keep micro-batch x ranks = {rows_then}"
+    if rows_then % rt.world_size == 0:
+        fix += f": --micro-batch {rows_then // rt.world_size}"
+    raise ConfigError(
+        f"--resume with {rt.world_size} rank(s) x --micro-batch {micro_batch}: the run was saved "
+        f"with {then_ranks} x {rows_then // then_ranks} per micro-step",
+        fix,
+    )
+
+
+def strip_prefix(sd: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """The entries of a state dict under `prefix` ("backbone."), without it."""
+    return {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
