@@ -953,7 +953,13 @@ def pretrain(
         str, typer.Option(help="--dry-run: h100, h200, a100, a100-40gb, l40s or a10g.")
     ] = "h100",
     mfu: Annotated[float, typer.Option(help="--dry-run: model FLOPs utilisation assumed.")] = 0.4,
-    tp: Annotated[int, typer.Option(help="--dry-run: tensor-parallel degree (fsdp+tp row).")] = 1,
+    tp: Annotated[
+        int | None,
+        typer.Option(
+            help="Tensor-parallel degree: each block split over groups of TP ranks (torchrun; "
+            "with several groups --parallel fsdp). --dry-run: sizes the fsdp+tp row."
+        ),
+    ] = None,
     config: ConfigOpt = None,
     force: ForceOpt = False,
 ) -> None:
@@ -962,7 +968,8 @@ def pretrain(
     AdamW with warmup + cosine decay, gradient accumulation, clipping, bf16 autocast where supported.
     Checkpoints go to OUTPUT.partial/checkpoints/ while training; at the end the final checkpoint,
     metrics.jsonl and loss.png land in OUTPUT. Interrupted or crashed? Re-run with --resume.
-    Several processes: torchrun --nproc_per_node N -m llmctl pretrain ... --parallel ddp|fsdp.
+    Several processes: torchrun --nproc_per_node N -m llmctl pretrain ... --parallel ddp|fsdp
+    [--tp T].
     """
     from llmctl.core.distributed import is_main_process
     from llmctl.stages import pretrain as stage
@@ -1001,10 +1008,11 @@ def pretrain(
         precision=precision,
         compile=compile,
         parallel=parallel,
+        tp=tp,
         sharded_checkpoints=sharded_checkpoints,
     )
     if dry_run:
-        _pretrain_plan(cfg, vocab_size, gpus=gpus, gpu=gpu, mfu=mfu, tp=tp)
+        _pretrain_plan(cfg, vocab_size, gpus=gpus, gpu=gpu, mfu=mfu, tp=cfg.tp)
         return
     if not is_main_process():  # rank 0 alone prints
         stage.run(output, cfg, force=force, resume=resume)

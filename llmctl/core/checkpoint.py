@@ -311,13 +311,19 @@ def _load_shards(directory: Path, mcfg: ModelConfig) -> dict[str, torch.Tensor]:
     collectively, when a process group is up)."""
     import torch.distributed.checkpoint as dcp
 
-    sd = Transformer(mcfg).state_dict()
+    from llmctl.core.parallel import fuse_state, unfuse
+
+    template = Transformer(mcfg)
+    saved = dcp.FileSystemReader(str(directory)).read_metadata().state_dict_metadata
+    if any(".attn.wq." in k for k in saved):  # written by a tensor-parallel run: unfused names
+        unfuse(template)
+    sd = template.state_dict()
     if mcfg.tie_embeddings:
         sd.pop("lm_head.weight")  # one tensor with embed.weight; tied again by the caller
     with warnings.catch_warnings():  # "assuming ... to load in a single process": yes, it is
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.load({"model": sd}, checkpoint_id=str(directory))
-    return sd
+    return fuse_state(sd)
 
 
 def load_trainer_state(path: Path, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:

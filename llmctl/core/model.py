@@ -6,7 +6,9 @@ RMSNorm -> SwiGLU MLP -> residual] -> RMSNorm -> LM head (tied or untied). No bi
 Conventions follow Hugging Face's `LlamaForCausalLM` exactly (RoPE rotates the two halves of each
 head, not interleaved pairs; RMSNorm normalises in fp32), so weights map one-to-one
 (`llmctl.core.hf_compat`). Two departures from the textbook layout, both for speed: q/k/v are one
-fused projection (`wqkv`) and the SwiGLU gate/up are one (`w13`). Attention is
+fused projection (`wqkv`) and the SwiGLU gate/up are one (`w13`); tensor parallelism
+(`core/parallel.py`) splits them back into `wq`/`wk`/`wv` and `w1`/`w3`, each rank holding its own
+heads and columns, and the forward reads either form. Attention is
 `F.scaled_dot_product_attention` with `enable_gqa`, so K/V heads are never materialised n_heads times
 and the fused flash kernel runs (on CUDA and on CPU). RoPE rotates q and k in one call, writing each
 half straight into its output, with the inverse rotation as its hand-written backward. For training,
@@ -295,8 +297,14 @@ class Attention(nn.Module):
         attn_mask: torch.Tensor | None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        qkv = self.wqkv(x).view(B, T, self.n_heads + 2 * self.n_kv, self.hd)
-        qk, v = qkv.split([self.n_heads + self.n_kv, self.n_kv], dim=2)
+        if "wqkv" in self._modules:
+            n_q, n_kv = self.n_heads, self.n_kv
+            qkv = self.wqkv(x).view(B, T, n_q + 2 * n_kv, self.hd)
+            qk, v = qkv.split([n_q + n_kv, n_kv], dim=2)
+        else:  # unfused q/k/v (tensor parallel): this rank's heads only, counted from the output
+            q, k = self.wq(x).view(B, T, -1, self.hd), self.wk(x).view(B, T, -1, self.hd)
+            v = self.wv(x).view(B, T, -1, self.hd)
+            n_q, n_kv, qk = q.shape[2], k.shape[2], torch.cat([q, k], dim=2)
         # cos/sin come as (T, hd) or (B, 1, T, hd); over (B, T, heads, hd) they broadcast as
         # (T, 1, hd) or (B, T, 1, hd). One rope call rotates q and k together.
         cos, sin = (
@@ -304,7 +312,7 @@ class Attention(nn.Module):
             if cos.ndim == 2
             else (cos.transpose(1, 2), sin.transpose(1, 2))
         )
-        q, k = apply_rope(qk, cos, sin).split([self.n_heads, self.n_kv], dim=2)
+        q, k = apply_rope(qk, cos, sin).split([n_q, n_kv], dim=2)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
         is_causal = attn_mask is None
         if cache is not None:
@@ -317,9 +325,9 @@ class Attention(nn.Module):
             # queries; a single new query may see everything; otherwise the caller passes a mask.
             is_causal = attn_mask is None and start == 0 and T > 1
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=self.n_kv != self.n_heads
+            q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=n_kv != n_q
         )  # (B, H, T, hd)
-        return self.wo(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
+        return self.wo(y.transpose(1, 2).reshape(B, T, n_q * self.hd))
 
 
 class MLP(nn.Module):
@@ -332,7 +340,10 @@ class MLP(nn.Module):
         self.w2 = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.w13(x).split(self.d_ff, dim=-1)
+        if "w13" in self._modules:
+            gate, up = self.w13(x).split(self.d_ff, dim=-1)
+        else:  # unfused (tensor parallel: each rank holds its own columns of both)
+            gate, up = self.w1(x), self.w3(x)
         return self.w2(F.silu(gate) * up)
 
 

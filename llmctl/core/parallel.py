@@ -17,11 +17,24 @@ Checkpoints (`core/checkpoint.py`) come in two forms. One file: `full_model_stat
 Sharded: `save_sharded` has every rank write its own part with torch.distributed.checkpoint (no
 gather: the form for models whose state does not fit one process), `load_sharded_optimizer` reads it
 back resharded. Either way a run saved on N ranks resumes on M ranks, or in one process.
+
+Tensor parallel (`tp` > 1, Megatron-style, through `torch.distributed.tensor.parallel`): the ranks
+form a 2-D mesh, `dp` data-parallel groups x `tp` ranks (rank = dp_index x tp + tp_index, so a TP
+group is `tp` neighbouring ranks: one node's GPUs). The fused projections are split back into
+`wq`/`wk`/`wv` and `w1`/`w3` (`unfuse`); in every block q, k, v and the SwiGLU gate and up are split
+by columns (each rank computes its own heads and its own d_ff slice, no communication), `wo` and
+`w2` by rows (one all-reduce of the block's output each, in forward and in backward). Embedding,
+norms and LM head stay whole on every rank of a TP group. FSDP then shards everything over the `dp`
+dimension of the mesh (2-D: TP inside a group, ZeRO-3 across groups). All TP ranks of a group read
+the same rows. State dicts leave this module in the fused layout (`fuse_state`), so checkpoints do
+not depend on `tp`; sharded (DCP) checkpoints keep the unfused names and resume on the same `tp`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
+import math
 import warnings
 from pathlib import Path
 from typing import Any, Literal
@@ -34,11 +47,40 @@ from llmctl.core.runtime import Runtime
 Parallel = Literal["none", "ddp", "fsdp"]
 
 
-def wrap(model: nn.Module, mode: Parallel, runtime: Runtime) -> nn.Module:
+# Fused parameter -> its parts, in order (rows of the fused weight, top to bottom).
+_FUSED = {"attn.wqkv": ("attn.wq", "attn.wk", "attn.wv"), "mlp.w13": ("mlp.w1", "mlp.w3")}
+_PART_OF = {part: fused for fused, parts in _FUSED.items() for part in parts}
+
+
+def data_parallel(world_size: int, tp: int) -> int:
+    """Number of data-parallel groups (ranks that read different rows)."""
+    return world_size // tp
+
+
+def data_rank(rank: int, tp: int) -> int:
+    """This rank's data-parallel index: the TP ranks of a group share it (and their rows)."""
+    return rank // tp
+
+
+def _mesh(runtime: Runtime, tp: int) -> Any:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    dp = data_parallel(runtime.world_size, tp)
+    return init_device_mesh(runtime.device.type, (dp, tp), mesh_dim_names=("dp", "tp"))
+
+
+def wrap(model: nn.Module, mode: Parallel, runtime: Runtime, *, tp: int = 1) -> nn.Module:
     """The model to train: `model` itself (none, fsdp: sharded in place) or its DDP wrapper.
 
-    Build the optimizer after this call: FSDP replaces the parameters with sharded ones.
+    `tp` > 1 splits every block over groups of `tp` ranks first (in place); then `mode` applies
+    across the groups (fsdp, or none when there is one group). Build the optimizer after this call:
+    TP and FSDP replace the parameters with distributed ones.
     """
+    dp_mesh = None
+    if tp > 1:
+        mesh = _mesh(runtime, tp)
+        tensor_parallel(model, mesh["tp"])
+        dp_mesh = mesh["dp"]
     if mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
@@ -50,11 +92,161 @@ def wrap(model: nn.Module, mode: Parallel, runtime: Runtime) -> nn.Module:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
-        mesh = init_device_mesh(runtime.device.type, (runtime.world_size,))
+        mesh = (
+            dp_mesh
+            if dp_mesh is not None
+            else init_device_mesh(runtime.device.type, (runtime.world_size,))
+        )
         for block in model.layers:
             fully_shard(block, mesh=mesh)
         fully_shard(model, mesh=mesh)
     return model
+
+
+def unfuse(model: nn.Module) -> None:
+    """Split every block's fused `wqkv` into `wq`, `wk`, `wv` and `w13` into `w1`, `w3`, in place
+    and in the same parameter order (the forward accepts both forms)."""
+    cfg = model.cfg
+    sizes = {
+        "attn.wqkv": [cfg.n_heads * cfg.head_dim] + [cfg.n_kv_heads * cfg.head_dim] * 2,
+        "mlp.w13": [cfg.d_ff, cfg.d_ff],
+    }
+    for block in model.layers:
+        for fused, parts in _FUSED.items():
+            owner_name, name = fused.split(".")
+            owner = getattr(block, owner_name)
+            if name not in owner._modules:
+                continue
+            w = owner._modules[name].weight.detach()
+            pieces = {}
+            for part, rows in zip(parts, w.split(sizes[fused]), strict=True):
+                lin = nn.Linear(
+                    w.shape[1], rows.shape[0], bias=False, device=w.device, dtype=w.dtype
+                )
+                lin.weight.data.copy_(rows)
+                pieces[part.split(".")[1]] = lin
+            rest = {k: v for k, v in owner._modules.items() if k != name}
+            owner._modules.clear()
+            owner._modules.update({**pieces, **rest})
+
+
+def tensor_parallel(model: nn.Module, tp_mesh: Any) -> None:
+    """Megatron-style TP of every block over `tp_mesh` (see the module docstring)."""
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        parallelize_module,
+    )
+
+    # DTensor warns at every 2-D (dp x tp) reduction of a gradient norm or gather of a checkpoint
+    # that it runs one collective per mesh dimension: a few scalars or a save, not worth a word.
+    logging.getLogger("torch.distributed.tensor._redistribute").setLevel(logging.ERROR)
+    unfuse(model)
+    col, row = ColwiseParallel(), RowwiseParallel()
+    plan = {**dict.fromkeys(_PART_OF, col), "attn.wo": row, "mlp.w2": row}
+    for block in model.layers:
+        parallelize_module(block, tp_mesh, plan)
+
+
+def _fused_name(name: str) -> tuple[str, int] | None:
+    """'layers.3.attn.wk.weight' -> ('layers.3.attn.wqkv.weight', 1); None for unsplit names."""
+    for part, fused in _PART_OF.items():
+        if f".{part}." in name:
+            return name.replace(f".{part}.", f".{fused}."), _FUSED[fused].index(part)
+    return None
+
+
+def _fused_order(names: list[str]) -> list[str]:
+    """Parameter names in a fused model's order: each split group becomes its fused name, once."""
+    out = []
+    for n in names:
+        f = _fused_name(n)
+        if f is None or f[1] == 0:
+            out.append(n if f is None else f[0])
+    return out
+
+
+def fuse_state(sd: dict[str, Any]) -> dict[str, Any]:
+    """A state dict (weights, or AdamW's per-parameter {exp_avg, ...}) keyed by unfused names ->
+    the fused layout: parts concatenated by rows, in place of the first part. Fused input is
+    returned as it is. AdamW's moments are elementwise, so concatenating them is exact."""
+    parts: dict[str, dict[int, Any]] = {}
+    for k, v in sd.items():
+        f = _fused_name(k)
+        if f:
+            parts.setdefault(f[0], {})[f[1]] = v
+    if not parts:
+        return sd
+    out: dict[str, Any] = {}
+    for k, v in sd.items():
+        f = _fused_name(k)
+        if f is None:
+            out[k] = v
+        elif f[1] == 0:
+            pieces = [parts[f[0]][i] for i in range(len(parts[f[0]]))]
+            out[f[0]] = _cat(pieces)
+    return out
+
+
+def _cat(pieces: list[Any]) -> Any:
+    if isinstance(pieces[0], torch.Tensor):
+        return torch.cat(pieces)
+    # an optimizer entry: cat the moments, keep the scalars (step) of the first part
+    return {k: torch.cat([p[k] for p in pieces]) if v.ndim else v for k, v in pieces[0].items()}
+
+
+def _split_state(sd: dict[str, Any], model: nn.Module) -> dict[str, Any]:
+    """The inverse of `fuse_state` for `model`'s own (unfused) parameters."""
+    names = {n for n, _ in model.named_parameters()}
+    sizes = {n: p.shape[0] for n, p in model.named_parameters()}  # a DTensor's global shape
+    out = {}
+    for k, v in sd.items():
+        if k in names:
+            out[k] = v
+            continue
+        stem = next((f for f in _FUSED if f".{f}." in k), None)
+        if stem is None:
+            out[k] = v
+            continue
+        offset = 0
+        for part in _FUSED[stem]:
+            pk = k.replace(f".{stem}.", f".{part}.")
+            rows = sizes[pk]
+            if isinstance(v, torch.Tensor):
+                out[pk] = v[offset : offset + rows]
+            else:
+                out[pk] = {m: t[offset : offset + rows] if t.ndim else t for m, t in v.items()}
+            offset += rows
+    return out
+
+
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> float:
+    """Clip gradients to a global L2 norm of `max_norm` (inf: measure only); return the norm.
+
+    Gradients may be plain tensors and DTensors on different meshes (TP blocks on the 2-D mesh,
+    embedding and norms on the dp mesh), which torch's `clip_grad_norm_` cannot stack together: the
+    norm is taken per group of equal (mesh, placements), each group's made whole (one small
+    collective each), and the squares summed."""
+    groups: dict[Any, list[torch.Tensor]] = {}
+    for p in params:
+        if p.grad is not None:
+            g = p.grad
+            key = (g.device_mesh, g.placements) if hasattr(g, "device_mesh") else None
+            groups.setdefault(key, []).append(g)
+    if not groups:
+        return 0.0
+    if len(groups) == 1:  # one kind of gradient (one process, DDP, FSDP): torch's own
+        n = torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], max_norm)
+        return float(n.full_tensor() if hasattr(n, "full_tensor") else n)
+    squares = []
+    for grads in groups.values():
+        n = torch.nn.utils.get_total_norm(grads, 2.0)
+        squares.append((n.full_tensor() if hasattr(n, "full_tensor") else n).float() ** 2)
+    total = torch.stack(squares).sum().sqrt()
+    if math.isfinite(max_norm):
+        for grads in groups.values():
+            torch.nn.utils.clip_grads_with_norm_(grads, max_norm, total)
+    return float(total)
 
 
 def grad_sync(model: nn.Module, sync: bool) -> contextlib.AbstractContextManager:
@@ -67,9 +259,10 @@ def grad_sync(model: nn.Module, sync: bool) -> contextlib.AbstractContextManager
 
 
 def _is_sharded(model: nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
+    """FSDP or TP: some parameters are DTensors (state must be gathered collectively)."""
+    from torch.distributed.tensor import DTensor
 
-    return isinstance(model, FSDPModule)
+    return any(isinstance(p, DTensor) for p in model.parameters())
 
 
 def _full_options() -> Any:
@@ -89,7 +282,7 @@ def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
         sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     if sd and getattr(model.cfg, "tie_embeddings", False):
         sd.pop("lm_head.weight", None)
-    return sd
+    return fuse_state(sd)
 
 
 def _param_names(model: nn.Module, opt: torch.optim.Optimizer) -> list[str]:
@@ -108,12 +301,16 @@ def full_optimizer_state(model: nn.Module, opt: torch.optim.Optimizer) -> dict[s
     full = get_optimizer_state_dict(model, opt, options=_full_options())
     if not full.get("state"):
         return {}
-    index = {n: i for i, n in enumerate(_param_names(model, opt))}
+    # Index by the fused model's order (a TP run's checkpoint resumes without TP, and back).
+    order = _fused_order(_param_names(model, opt))
+    index = {n: i for i, n in enumerate(order)}
     groups, start = [], 0
     for g in full["param_groups"]:
-        groups.append({**g, "params": list(range(start, start + len(g["params"])))})
-        start += len(g["params"])
-    return {"state": {index[n]: s for n, s in full["state"].items()}, "param_groups": groups}
+        count = len(_fused_order(g["params"]))
+        groups.append({**g, "params": list(range(start, start + count))})
+        start += count
+    state = fuse_state(full["state"])
+    return {"state": {index[n]: s for n, s in state.items()}, "param_groups": groups}
 
 
 def load_optimizer_state(model: nn.Module, opt: torch.optim.Optimizer, sd: dict[str, Any]) -> None:
@@ -125,12 +322,15 @@ def load_optimizer_state(model: nn.Module, opt: torch.optim.Optimizer, sd: dict[
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     names = _param_names(model, opt)
-    by_name = {
-        "state": {names[int(i)]: s for i, s in sd["state"].items()},
-        "param_groups": [
-            {**g, "params": [names[i] for i in g["params"]]} for g in sd["param_groups"]
-        ],
-    }
+    # The file is indexed in the fused model's order; a TP model's own parameters are the parts.
+    order = _fused_order(names)
+    state = _split_state({order[int(i)]: s for i, s in sd["state"].items()}, model)
+    own = {id(p): n for n, p in model.named_parameters()}
+    groups = [
+        {**saved, "params": [own[id(p)] for p in g["params"]]}
+        for saved, g in zip(sd["param_groups"], opt.param_groups, strict=True)
+    ]
+    by_name = {"state": state, "param_groups": groups}
     set_optimizer_state_dict(model, opt, by_name, options=StateDictOptions(full_state_dict=True))
 
 

@@ -30,7 +30,7 @@ from torch import nn
 from llmctl.core.distributed import active, mean_over_ranks, peer_failed
 from llmctl.core.errors import TrainingError
 from llmctl.core.optim import lr_at
-from llmctl.core.parallel import grad_sync
+from llmctl.core.parallel import clip_grad_norm, grad_sync
 from llmctl.core.progress import SILENT, Progress
 from llmctl.core.runtime import Runtime
 
@@ -142,9 +142,7 @@ def train(
                     loss.backward()
                 loss_sum += loss.detach()
             clip = schedule.grad_clip if schedule.grad_clip > 0 else float("inf")
-            norm_t = torch.nn.utils.clip_grad_norm_(params, clip)
-            # Sharded (FSDP) gradients give a DTensor norm: its full value is the global norm.
-            norm = float(norm_t.full_tensor() if hasattr(norm_t, "full_tensor") else norm_t)
+            norm = clip_grad_norm(params, clip)  # global over shards (FSDP, TP)
             last_loss = float(mean_over_ranks(loss_sum))
             if not (math.isfinite(last_loss) and math.isfinite(norm)):
                 where = f"; the last good checkpoint is {last_saved}" if last_saved else ""

@@ -60,6 +60,8 @@ from llmctl.core.model import (
 )
 from llmctl.core.optim import make_adamw
 from llmctl.core.parallel import (
+    data_parallel,
+    data_rank,
     full_model_state,
     full_optimizer_state,
     load_optimizer_state,
@@ -141,6 +143,7 @@ class PretrainConfig:
     parallel: Literal["none", "ddp", "fsdp"] = (
         "none"  # with several processes (torchrun): ddp = replicate, fsdp = shard (ZeRO-3)
     )
+    tp: int = 1  # tensor-parallel degree: each block split over groups of tp ranks (torchrun)
     sharded_checkpoints: bool = False  # intermediate checkpoints: per-rank DCP shards, no gather
     seed: int = 0  # initialisation and data order
 
@@ -159,6 +162,11 @@ class PretrainConfig:
         require(
             self.parallel in ("none", "ddp", "fsdp"),
             f"--parallel must be none, ddp or fsdp, got {self.parallel!r}",
+        )
+        require(self.tp >= 1, f"--tp must be >= 1, got {self.tp}")
+        require(
+            self.tp == 1 or self.parallel != "ddp",
+            "--tp with --parallel ddp is not offered: use --parallel fsdp (FSDP across TP groups)",
         )
         require(
             self.keep_checkpoints >= 1,
@@ -296,7 +304,12 @@ def run(
         TrainingError: the loss became non-finite (the last checkpoint stays in `<dst>.partial`).
     """
     rt = runtime or Runtime.detect(cfg.device, cfg.precision)
-    if rt.world_size > 1 and cfg.parallel == "none":
+    if rt.world_size % cfg.tp:
+        raise ConfigError(
+            f"--tp {cfg.tp} does not divide the {rt.world_size} process(es)",
+            f"launch a multiple of {cfg.tp}: torchrun --nproc_per_node {cfg.tp} -m llmctl pretrain ...",
+        )
+    if data_parallel(rt.world_size, cfg.tp) > 1 and cfg.parallel == "none":
         raise ConfigError(
             f"{rt.world_size} processes but --parallel none: each would train its own copy",
             "pass --parallel ddp (replicated) or --parallel fsdp (sharded)",
@@ -310,11 +323,12 @@ def run(
 def _run(
     dst: Path, cfg: PretrainConfig, rt: Runtime, *, force: bool, resume: bool, progress: Progress
 ) -> Manifest:
-    mode = cfg.parallel if rt.world_size > 1 else "none"
+    dp = data_parallel(rt.world_size, cfg.tp)
+    mode = cfg.parallel if dp > 1 or cfg.tp > 1 else "none"
     if not rt.is_main:
         progress = SILENT
     data = _open_data(cfg)
-    p = plan(cfg, data.tokenizer.vocab_size, rt.world_size)
+    p = plan(cfg, data.tokenizer.vocab_size, dp)
     torch.manual_seed(cfg.seed)
     if cfg.init:
         # The tokens must be encoded with the checkpoint's tokenizer: load_checkpoint checks fingerprints.
@@ -339,7 +353,13 @@ def _run(
     start, resumed_from = 0, None
     if resume:
         start, resumed_from = _resume(run_dir, cfg, model, rt)  # weights: into the whole model
-    wrapped = wrap(model, mode, rt)  # FSDP shards `model` in place; DDP returns a wrapper
+    if cfg.tp > 1 and (mcfg.n_kv_heads % cfg.tp or mcfg.d_ff % cfg.tp):
+        raise ConfigError(
+            f"--tp {cfg.tp} must divide n_kv_heads ({mcfg.n_kv_heads}) and d_ff ({mcfg.d_ff})",
+            "each rank holds whole K/V heads: pick a --tp that divides both",
+        )
+    # TP splits the blocks over ranks and FSDP shards `model` in place; DDP returns a wrapper.
+    wrapped = wrap(model, mode, rt, tp=cfg.tp)
     opt = make_adamw(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
     if resumed_from is not None and (resumed_from / SHARDS).is_dir():
         load_sharded_optimizer(model, opt, resumed_from / SHARDS)
@@ -389,7 +409,7 @@ def _run(
         micro_rows = cfg.micro_batch
 
         def batch(step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
-            x, y = data.sampler.rows(step, micro, micro_rows, rt.rank, rt.world_size)
+            x, y = data.sampler.rows(step, micro, micro_rows, data_rank(rt.rank, cfg.tp), dp)
             return x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
 
         def save(done: int) -> Path:
@@ -501,7 +521,7 @@ def lm_loss(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) ->
 
 
 def _trainer_state(step: int, cfg: PretrainConfig, rt: Runtime) -> dict:
-    return {"step": step, "config": to_dict(cfg), "world_size": rt.world_size}
+    return {"step": step, "config": to_dict(cfg), "world_size": rt.world_size, "tp": cfg.tp}
 
 
 def _resume(
@@ -528,17 +548,22 @@ def _resume(
         for k in TRAJECTORY
         if k in names and k in saved and k != "micro_batch" and to_dict(cfg)[k] != saved[k]
     ]
-    rows_then = saved.get("micro_batch", cfg.micro_batch) * state.get("world_size", 1)
-    if rows_then != cfg.micro_batch * rt.world_size:
+    # Ranks that read different rows: data-parallel groups, not TP ranks.
+    dp_then = state.get("world_size", 1) // state.get("tp", 1)
+    dp_now = data_parallel(rt.world_size, cfg.tp)
+    rows_then = saved.get("micro_batch", cfg.micro_batch) * dp_then
+    if rows_then != cfg.micro_batch * dp_now:
         raise ConfigError(
-            f"--resume with {rt.world_size} rank(s) x --micro-batch {cfg.micro_batch}: the run "
-            f"was saved with {state.get('world_size', 1)} x {saved.get('micro_batch')} rows per micro-step",
-            f"keep micro-batch x ranks = {rows_then}"
-            + (
-                f": --micro-batch {rows_then // rt.world_size}"
-                if rows_then % rt.world_size == 0
-                else ""
-            ),
+            f"--resume with {dp_now} data-parallel rank(s) x --micro-batch {cfg.micro_batch}: the "
+            f"run was saved with {dp_then} x {saved.get('micro_batch')} rows per micro-step",
+            f"keep micro-batch x data-parallel ranks = {rows_then}"
+            + (f": --micro-batch {rows_then // dp_now}" if rows_then % dp_now == 0 else ""),
+        )
+    if (ckpt / SHARDS).is_dir() and state.get("tp", 1) != cfg.tp:
+        raise ConfigError(
+            f"{ckpt} is a sharded checkpoint of a --tp {state.get('tp', 1)} run; its optimizer "
+            f"shards do not fit --tp {cfg.tp}",
+            f"resume with --tp {state.get('tp', 1)} (one-file checkpoints resume with any --tp)",
         )
     if diff:
         raise ConfigError(

@@ -7,6 +7,9 @@ create alone), in this order:
     OUT/ddp       DDP, through the CLI
     OUT/fsdp      FSDP; OUT/resume2 resumes from its step-3 checkpoint
     OUT/sharded   FSDP with sharded checkpoints; OUT/resume2s resumes from its sharded step 3
+    OUT/tp_forward.json  logits of a tensor-parallel model against the unsharded one
+    OUT/tp        tensor parallel over both ranks (--tp 2, no data parallelism)
+    OUT/tpfsdp    TP + FSDP on the 1 x 2 (dp x tp) mesh, sharded checkpoints; OUT/resume2tp resumes
     OUT/crash     FSDP, 8 steps, in which rank 1 dies during step 5: the launch fails last
 """
 
@@ -57,6 +60,41 @@ def train(out: Path, cfg: dict) -> None:
         pretrain.run(resumed, fsdp, resume=True)
 
 
+def tensor_parallel(out: Path, cfg: dict) -> None:
+    """TP forward against the unsharded model, then TP training runs (every rank reads all 8 rows
+    of a micro-step: one data-parallel group)."""
+    import torch
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from llmctl.core.model import Transformer
+    from llmctl.core.parallel import tensor_parallel as split
+
+    tp_cfg = {**cfg, "micro_batch": cfg["micro_batch"] * 2, "tp": 2}
+    mcfg = pretrain.PretrainConfig(**tp_cfg).model_config(512)
+    torch.manual_seed(0)
+    whole = Transformer(mcfg)
+    sharded = Transformer(mcfg)
+    sharded.load_state_dict(whole.state_dict())
+    split(sharded, init_device_mesh("cpu", (2,)))
+    ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(1))
+    diff = float((whole(ids) - sharded(ids)).abs().max())
+    local = sharded.layers[0].attn.wq.weight.to_local().shape[0]
+    if dist.get_rank() == 0:
+        (out / "tp_forward.json").write_text(json.dumps({"max_diff": diff, "wq_rows": local}))
+    pretrain.run(out / "tp", pretrain.PretrainConfig(**{**tp_cfg, "parallel": "none"}))
+    tpfsdp = pretrain.PretrainConfig(
+        **{**tp_cfg, "parallel": "fsdp", "sharded_checkpoints": True}
+    )
+    pretrain.run(out / "tpfsdp", tpfsdp)
+    if dist.get_rank() == 0:
+        shutil.copytree(
+            out / "tpfsdp" / "checkpoints" / "step-0000003",
+            pretrain.partial_path(out / "resume2tp") / "checkpoints" / "step-0000003",
+        )
+    dist.barrier()
+    pretrain.run(out / "resume2tp", tpfsdp, resume=True)
+
+
 def crash(out: Path, cfg: dict) -> None:
     """A run that loses rank 1 (os._exit, as a killed process would) during step 5 of 8."""
     cfg = {**cfg, "max_steps": 8, "parallel": "fsdp"}
@@ -79,5 +117,6 @@ if __name__ == "__main__":
     cfg["data"] = tuple(cfg["data"])
     dist.init_process_group("gloo")
     train(out, cfg)
+    tensor_parallel(out, cfg)
     crash(out, cfg)
     dist.destroy_process_group()

@@ -78,7 +78,8 @@ class Runs:
 def runs(tmp_path_factory: pytest.TempPathFactory, tokens_dir: Path, tiny_pretrain) -> Runs:
     """OUT/ref (one process, 8 rows per micro-step) and, from one torchrun launch with 4 rows on
     each of 2 ranks, OUT/ddp, OUT/fsdp, OUT/sharded (FSDP, sharded checkpoints) and the 2-rank
-    resumes from their step-3 checkpoints, OUT/resume2 and OUT/resume2s; last OUT/crash."""
+    resumes from their step-3 checkpoints, OUT/resume2 and OUT/resume2s; the tensor-parallel
+    cases (see _dist_worker.py); last OUT/crash."""
     out = tmp_path_factory.mktemp("dist")
     pretrain.run(out / "ref", tiny_pretrain(tokens_dir, **{**SETTINGS, "micro_batch": 8}))
     res = torchrun(tiny_pretrain(tokens_dir, **SETTINGS), out)
@@ -146,6 +147,70 @@ def test_a_dying_rank_fails_the_job_and_keeps_the_last_checkpoint(runs: Runs) ->
     assert not (runs / "crash").exists()  # never looks finished
     ck = partial_path(runs / "crash") / "checkpoints" / "step-0000003"
     assert load_checkpoint(ck, trust_shards=True).model_config.n_layers == 2
+
+
+@pytest.mark.slow
+def test_the_tensor_parallel_forward_equals_the_unsharded_model(runs: Runs) -> None:
+    res = json.loads((runs / "tp_forward.json").read_text())
+    assert res["max_diff"] < 1e-5
+    assert res["wq_rows"] == 16  # each rank holds 2 of the 4 query heads (8 dims each)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["tp", "tpfsdp"])
+def test_tensor_parallel_runs_match_one_process(runs: Runs, mode: str) -> None:
+    """--tp 2 on 2 ranks (one data-parallel group: each reads all 8 rows), alone and under FSDP
+    on the 1 x 2 mesh; the checkpoint comes out in the fused one-process layout."""
+    ref, par = losses(runs / "ref"), losses(runs / mode)
+    assert sorted(par) == [1, 2, 3, 4, 5]
+    assert max(abs(par[s] - ref[s]) for s in ref) < 1e-4, (ref, par)
+    a = load_checkpoint(runs / "ref").model.state_dict()
+    b = load_checkpoint(runs / mode).model.state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    assert json.loads((runs / mode / "trainer_state.json").read_text())["tp"] == 2
+
+
+@pytest.mark.slow
+def test_tensor_parallel_checkpoints_resume_on_two_ranks_and_in_one_process(
+    runs: Runs, tokens_dir: Path, tiny_pretrain
+) -> None:
+    ref, two = losses(runs / "ref"), losses(runs / "resume2tp")  # from TP+FSDP's sharded step 3
+    assert sorted(two) == [4, 5]
+    # TP's one-file checkpoint (optimizer moments in the fused order) resumes without TP.
+    one = runs / "tp-resume1"
+    copy_checkpoint(runs / "tp", 3, one)
+    pretrain.run(one, tiny_pretrain(tokens_dir, **{**SETTINGS, "micro_batch": 8}), resume=True)
+    for s in (4, 5):
+        assert abs(two[s] - ref[s]) < 1e-4, (s, ref, two)
+        assert abs(losses(one)[s] - ref[s]) < 1e-4, (s, ref, losses(one))
+    # TP's sharded checkpoint (unfused names) reads as the fused model in one process.
+    shards = runs / "tpfsdp" / "checkpoints" / "step-0000003"
+    a = load_checkpoint(runs / "tp" / "checkpoints" / "step-0000003").model.state_dict()
+    b = load_checkpoint(shards, trust_shards=True).model.state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    # ...but its optimizer shards only fit the same --tp.
+    copy_checkpoint(runs / "tpfsdp", 3, runs / "tp-resume1s")
+    with pytest.raises(ConfigError, match="sharded checkpoint of a --tp 2 run"):
+        cfg = tiny_pretrain(tokens_dir, **{**SETTINGS, "micro_batch": 8})
+        pretrain.run(runs / "tp-resume1s", cfg, resume=True)
+
+
+@pytest.mark.parametrize(
+    ("over", "world", "message"),
+    [
+        ({"tp": 2}, 1, "--tp 2 does not divide the 1 process"),
+        ({"tp": 2}, 4, "4 processes but --parallel none"),
+    ],
+)
+def test_tensor_parallel_layouts_that_cannot_work_are_refused(
+    tokens_dir: Path, tiny_pretrain, over: dict, world: int, message: str
+) -> None:
+    rt = Runtime(torch.device("cpu"), "fp32", rank=0, world_size=world)
+    with pytest.raises(ConfigError, match=message):
+        pretrain.run(Path("unused"), tiny_pretrain(tokens_dir, **over), runtime=rt)
+    with pytest.raises(ConfigError, match="--tp with --parallel ddp"):
+        tiny_pretrain(tokens_dir, tp=2, parallel="ddp")
 
 
 def test_several_processes_without_a_parallel_mode_are_refused(
