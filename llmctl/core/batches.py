@@ -1,13 +1,15 @@
 """Batches of contiguous token windows from memory-mapped token files, as a pure function of
-(seed, step, micro-step).
+(seed, step).
 
 Documents are packed back to back (each already `BOS ... EOS`), and a training row is a random
 window of `seq_len + 1` tokens anywhere in that stream: inputs are its first `seq_len` tokens,
 targets the last. Several token datasets can be mixed: each row first draws its source with the
-mixture weights. Because row r of step s depends only on (seed, s, micro, r), resuming at step s is
-exact and a rank of a multi-process run takes its own rows of the global batch with no coordination.
-All windows of a micro-batch are read in one numpy gather from the memory map (several times faster
-than a Python loop of slices).
+mixture weights. The rows of step s are one sequence drawn from (seed, s): micro-step m of a run
+with R rows per micro-step takes rows m x R .. (m + 1) x R - 1 of it, and rank r of W every W-th of
+those. So a step's batch is the same however it is cut into micro-steps and ranks (`--micro-batch
+auto` and resuming on another number of ranks change the summation order, not the data), resuming
+at step s is exact, and ranks take their rows with no coordination. All windows of a micro-batch are
+read in one numpy gather from the memory map (several times faster than a Python loop of slices).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ class WindowSampler:
         self.seed = seed
         w = np.array([s.weight for s in sources], dtype=np.float64)
         self.probs = w / w.sum()
+        self._cum = np.cumsum(self.probs)
         self._arange = np.arange(seq_len + 1, dtype=np.int64)
 
     def rows(
@@ -51,14 +54,16 @@ class WindowSampler:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs and targets (each (rows, seq_len) int64) for this rank's share of a micro-batch.
 
-        The global micro-batch has `n_rows * world` rows; rank r takes rows r, r + world, ...
+        The global micro-batch is rows `micro x n_rows x world` onwards of step `step`'s sequence
+        (`n_rows x world` of them); rank r takes every world-th, starting at r.
         """
         total = n_rows * world
-        rng = np.random.default_rng([self.seed, step, micro])
-        which = rng.choice(len(self.sources), size=total, p=self.probs)
-        u = rng.random(total)
-        mine = slice(rank, total, world)
-        which, u = which[mine], u[mine]
+        lo, hi = micro * total, (micro + 1) * total
+        # Two streams, each a prefix of the same draws for any (micro, n_rows, world): numpy's
+        # uniform doubles come one after another, so random(hi)[lo:] is independent of the split.
+        pick = np.random.default_rng([self.seed, step, 0]).random(hi)[lo:][rank::world]
+        u = np.random.default_rng([self.seed, step, 1]).random(hi)[lo:][rank::world]
+        which = np.minimum(np.searchsorted(self._cum, pick, side="right"), len(self.sources) - 1)
         out = np.empty((n_rows, self.seq_len + 1), dtype=np.int64)
         for k, src in enumerate(self.sources):
             sel = np.nonzero(which == k)[0]

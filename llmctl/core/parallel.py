@@ -69,18 +69,30 @@ def _mesh(runtime: Runtime, tp: int) -> Any:
     return init_device_mesh(runtime.device.type, (dp, tp), mesh_dim_names=("dp", "tp"))
 
 
-def wrap(model: nn.Module, mode: Parallel, runtime: Runtime, *, tp: int = 1) -> nn.Module:
+def wrap(
+    model: nn.Module,
+    mode: Parallel,
+    runtime: Runtime,
+    *,
+    tp: int = 1,
+    checkpointing: bool = False,
+) -> nn.Module:
     """The model to train: `model` itself (none, fsdp: sharded in place) or its DDP wrapper.
 
-    `tp` > 1 splits every block over groups of `tp` ranks first (in place); then `mode` applies
-    across the groups (fsdp, or none when there is one group). Build the optimizer after this call:
-    TP and FSDP replace the parameters with distributed ones.
+    In torchtitan's order: `tp` > 1 splits every block over groups of `tp` ranks (in place);
+    `checkpointing` makes every block recompute its activations in backward; then `mode` applies
+    across the groups (fsdp, or none when there is one group). Under FSDP with bf16 precision the
+    gathered weights are bf16 and gradients are reduced in fp32 (`MixedPrecisionPolicy`); the
+    sharded master weights and AdamW moments stay fp32. Build the optimizer after this call: TP and
+    FSDP replace the parameters with distributed ones.
     """
     dp_mesh = None
     if tp > 1:
         mesh = _mesh(runtime, tp)
         tensor_parallel(model, mesh["tp"])
         dp_mesh = mesh["dp"]
+    if checkpointing:
+        checkpoint_activations(model)
     if mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
@@ -90,17 +102,39 @@ def wrap(model: nn.Module, mode: Parallel, runtime: Runtime, *, tp: int = 1) -> 
         return DistributedDataParallel(model, device_ids=ids, forward_sync_buffers=False)
     if mode == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         mesh = (
             dp_mesh
             if dp_mesh is not None
             else init_device_mesh(runtime.device.type, (runtime.world_size,))
         )
+        mp = (
+            MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+            if runtime.precision == "bf16"
+            else MixedPrecisionPolicy()
+        )
         for block in model.layers:
-            fully_shard(block, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+            fully_shard(block, mesh=mesh, mp_policy=mp)
+        fully_shard(model, mesh=mesh, mp_policy=mp)
     return model
+
+
+def checkpoint_activations(model: nn.Module) -> None:
+    """Activation checkpointing: each block keeps only its input for backward and recomputes its
+    activations there (about one more forward per step for activations of one block instead of
+    all of them). The blocks' `forward` is replaced per instance, so parameter names and
+    checkpoints are unchanged; decoding (no grad) runs the plain forward."""
+    from torch.utils.checkpoint import checkpoint
+
+    for block in model.layers:
+
+        def forward(*args: Any, _inner: Any = block.forward, **kw: Any) -> torch.Tensor:
+            if not torch.is_grad_enabled():
+                return _inner(*args, **kw)
+            return checkpoint(_inner, *args, use_reentrant=False, **kw)
+
+        block.forward = forward
 
 
 def unfuse(model: nn.Module) -> None:
@@ -232,21 +266,25 @@ def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> float:
         if p.grad is not None:
             g = p.grad
             key = (g.device_mesh, g.placements) if hasattr(g, "device_mesh") else None
-            groups.setdefault(key, []).append(g)
+            groups.setdefault(key, []).append(p)
     if not groups:
         return 0.0
     if len(groups) == 1:  # one kind of gradient (one process, DDP, FSDP): torch's own
-        n = torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], max_norm)
+        (ps,) = groups.values()
+        n = torch.nn.utils.clip_grad_norm_(ps, max_norm)
         return float(n.full_tensor() if hasattr(n, "full_tensor") else n)
     squares = []
-    for grads in groups.values():
-        n = torch.nn.utils.get_total_norm(grads, 2.0)
-        squares.append((n.full_tensor() if hasattr(n, "full_tensor") else n).float() ** 2)
-    total = torch.stack(squares).sum().sqrt()
-    if math.isfinite(max_norm):
-        for grads in groups.values():
-            torch.nn.utils.clip_grads_with_norm_(grads, max_norm, total)
-    return float(total)
+    for ps in groups.values():
+        n = torch.nn.utils.get_total_norm([p.grad for p in ps], 2.0)
+        squares.append(float(n.full_tensor() if hasattr(n, "full_tensor") else n) ** 2)
+    total = math.sqrt(sum(squares))
+    # As torch computes it; a Python scalar multiplies plain tensors and DTensors alike.
+    coef = min(1.0, max_norm / (total + 1e-6))
+    if coef < 1.0:
+        for ps in groups.values():
+            for p in ps:
+                p.grad.mul_(coef)
+    return total
 
 
 def grad_sync(model: nn.Module, sync: bool) -> contextlib.AbstractContextManager:
@@ -292,45 +330,66 @@ def _param_names(model: nn.Module, opt: torch.optim.Optimizer) -> list[str]:
 
 
 def full_optimizer_state(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
-    """`opt.state_dict()` as one process would have it (state keyed by parameter index). Under
-    FSDP a collective gather: every rank must call it; rank 0 gets the tensors, others `{}`."""
+    """`opt.state_dict()` as one process of the fused model would have it (state keyed by
+    parameter index in the fused order, so a TP run's file resumes without TP and back). Under FSDP
+    or TP a collective gather: every rank must call it; rank 0 gets the tensors, others `{}`."""
+    names = _param_names(model, opt)
+    split = any(_fused_name(n) for n in names)
     if not _is_sharded(model):
-        return opt.state_dict()
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+        if not split:
+            return opt.state_dict()
+        sd = opt.state_dict()
+        full = {
+            "state": {names[i]: st for i, st in sd["state"].items()},
+            "param_groups": [
+                {**g, "params": [names[i] for i in g["params"]]} for g in sd["param_groups"]
+            ],
+        }
+    else:
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-    full = get_optimizer_state_dict(model, opt, options=_full_options())
-    if not full.get("state"):
-        return {}
-    # Index by the fused model's order (a TP run's checkpoint resumes without TP, and back).
-    order = _fused_order(_param_names(model, opt))
-    index = {n: i for i, n in enumerate(order)}
+        full = get_optimizer_state_dict(model, opt, options=_full_options())
+        if not full.get("state"):
+            return {}
+    index = {n: i for i, n in enumerate(_fused_order(names))}
     groups, start = [], 0
     for g in full["param_groups"]:
         count = len(_fused_order(g["params"]))
         groups.append({**g, "params": list(range(start, start + count))})
         start += count
     state = fuse_state(full["state"])
-    return {"state": {index[n]: s for n, s in state.items()}, "param_groups": groups}
+    return {"state": {index[n]: st for n, st in state.items()}, "param_groups": groups}
 
 
 def load_optimizer_state(model: nn.Module, opt: torch.optim.Optimizer, sd: dict[str, Any]) -> None:
-    """Load a full, index-keyed optimizer state (every rank passes the same one); FSDP keeps only
-    each rank's shard of the moments."""
-    if not _is_sharded(model):
+    """Load a full optimizer state indexed in the fused order (every rank passes the same one);
+    FSDP and TP keep only each rank's shard of the moments, an unfused model gets them cut."""
+    names = _param_names(model, opt)
+    split = any(_fused_name(n) for n in names)
+    if not _is_sharded(model) and not split:
         opt.load_state_dict(sd)
+        return
+    order = _fused_order(names)
+    state = _split_state({order[int(i)]: st for i, st in sd["state"].items()}, model)
+    if not _is_sharded(model):  # unfused in one process: back to this optimizer's own indices
+        own = {n: i for i, n in enumerate(names)}
+        groups, it = [], iter(range(len(names)))
+        for saved, g in zip(sd["param_groups"], opt.param_groups, strict=True):
+            groups.append({**saved, "params": [next(it) for _ in g["params"]]})
+        opt.load_state_dict(
+            {"state": {own[n]: st for n, st in state.items()}, "param_groups": groups}
+        )
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    names = _param_names(model, opt)
-    # The file is indexed in the fused model's order; a TP model's own parameters are the parts.
-    order = _fused_order(names)
-    state = _split_state({order[int(i)]: s for i, s in sd["state"].items()}, model)
-    own = {id(p): n for n, p in model.named_parameters()}
-    groups = [
-        {**saved, "params": [own[id(p)] for p in g["params"]]}
-        for saved, g in zip(sd["param_groups"], opt.param_groups, strict=True)
-    ]
-    by_name = {"state": state, "param_groups": groups}
+    own_names = {id(p): n for n, p in model.named_parameters()}
+    by_name = {
+        "state": state,
+        "param_groups": [
+            {**saved, "params": [own_names[id(p)] for p in g["params"]]}
+            for saved, g in zip(sd["param_groups"], opt.param_groups, strict=True)
+        ],
+    }
     set_optimizer_state_dict(model, opt, by_name, options=StateDictOptions(full_state_dict=True))
 
 

@@ -9,6 +9,7 @@ under `torchrun`; the process group is `distributed.process_group`, the model wr
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 from typing import Literal
 
@@ -34,6 +35,18 @@ def _cpu_has_bf16() -> bool:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
+
+
+def _host_available_bytes() -> float:
+    """MemAvailable from /proc/meminfo (Linux); physical memory elsewhere."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
 @dataclass(frozen=True)
@@ -85,6 +98,14 @@ class Runtime:
             return None
         name = torch.cuda.get_device_name(self.device)
         return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+    def memory_bytes(self) -> float:
+        """Memory this process may plan to use: the GPU's total, or on CPU the host's available
+        memory shared by the processes of this node (LOCAL_WORLD_SIZE)."""
+        if self.device.type == "cuda":
+            return float(torch.cuda.get_device_properties(self.device).total_memory)
+        per_node = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", self.world_size)))
+        return _host_available_bytes() / per_node
 
     def synchronize(self) -> None:
         """Wait for queued device work (for honest timings)."""

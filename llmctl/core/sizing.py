@@ -215,3 +215,52 @@ def estimate(
         },
         gpu_memory=mem,
     )
+
+
+def strategy_of(parallel: str, tp: int) -> Strategy:
+    """The memory row of a run's `--parallel` and `--tp` (pure TP: "fsdp+tp" with one group)."""
+    if tp > 1:
+        return "fsdp+tp"
+    return "fsdp" if parallel == "fsdp" else "ddp"
+
+
+def auto_micro_batch(
+    cfg: ModelConfig,
+    *,
+    rows_per_rank: int,
+    seq_len: int,
+    budget: float,
+    strategy: Strategy,
+    gpus: int,
+    tp: int = 1,
+    act_bytes: int = 2,
+    checkpointing: bool = False,
+) -> tuple[int, Memory]:
+    """`--micro-batch auto`: the largest micro-batch that divides a rank's rows per step and whose
+    estimated memory (`memory`, plus 10% headroom) fits `budget` bytes; the rest of the step is
+    gradient accumulation, so the global batch is unchanged.
+
+    Raises:
+        ConfigError: Even one row per micro-step does not fit.
+    """
+    for mb in sorted(
+        (d for d in range(1, rows_per_rank + 1) if rows_per_rank % d == 0), reverse=True
+    ):
+        m = memory(
+            cfg,
+            strategy,
+            gpus=gpus,
+            tp=tp,
+            micro_batch=mb,
+            seq_len=seq_len,
+            act_bytes=act_bytes,
+            checkpointing=checkpointing,
+        )
+        if m.total <= 0.9 * budget:
+            return mb, m
+    raise ConfigError(
+        f"--micro-batch auto: even 1 row of {seq_len} tokens needs ~{m.total / GIB:.1f} GiB per "
+        f"device ({strategy}), more than 90% of the {budget / GIB:.1f} GiB there",
+        "shard more (--parallel fsdp, more processes, --tp), add --activation-checkpointing, "
+        "or lower --seq-len",
+    )

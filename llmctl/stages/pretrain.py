@@ -13,8 +13,8 @@ Several processes (`torchrun --nproc_per_node N -m llmctl pretrain ... --paralle
 rank trains on its own rows of every step's batch (`--micro-batch` is per rank; `--batch-tokens` is
 global), the model is wrapped by `core/parallel.py`, and rank 0 alone writes metrics, checkpoints and
 the manifest. Checkpoints are always the one-file format, gathered from the shards under FSDP, so a
-run resumes on another number of ranks as long as micro-batch x ranks stays the same (the rows each
-micro-step draws).
+run resumes on another number of ranks, and with another micro-batch (a step's rows do not depend
+on how they are split).
 """
 
 from __future__ import annotations
@@ -23,12 +23,14 @@ import contextlib
 import math
 import shutil
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Literal
 
 import torch
+import torch.distributed as dist
 
+from llmctl.core import sizing
 from llmctl.core.artifacts import (
     Manifest,
     Output,
@@ -40,6 +42,7 @@ from llmctl.core.artifacts import (
 from llmctl.core.batches import Source, WindowSampler, val_windows
 from llmctl.core.checkpoint import (
     SHARDS,
+    check_checkpoint_dir,
     latest_checkpoint,
     load_checkpoint,
     load_trainer_state,
@@ -121,7 +124,7 @@ class PretrainConfig:
     tie_embeddings: bool | None = None  # override the preset's head tying
     seq_len: int = 256  # training context (tokens per row)
     batch_tokens: int = 16384  # tokens per optimizer step, all ranks and micro-steps together
-    micro_batch: int = 16  # rows per forward pass on each rank
+    micro_batch: int | str = 16  # rows per forward pass on each rank, or "auto" (largest that fits)
     max_steps: int | None = None  # optimizer steps; overrides `tokens`
     tokens: str = "auto"  # tokens to train on: a number (1e9, 2_000_000) or "auto" (Chinchilla, 20 per parameter)
     lr: float = 3e-3  # peak learning rate
@@ -144,6 +147,7 @@ class PretrainConfig:
         "none"  # with several processes (torchrun): ddp = replicate, fsdp = shard (ZeRO-3)
     )
     tp: int = 1  # tensor-parallel degree: each block split over groups of tp ranks (torchrun)
+    activation_checkpointing: bool = False  # recompute block activations in backward (less memory)
     sharded_checkpoints: bool = False  # intermediate checkpoints: per-rank DCP shards, no gather
     seed: int = 0  # initialisation and data order
 
@@ -152,7 +156,17 @@ class PretrainConfig:
             len(self.data) > 0, "no training data: pass a tokens directory (or --data PATH=WEIGHT)"
         )
         require(self.seq_len >= 8, f"--seq-len must be >= 8, got {self.seq_len}")
-        require(self.micro_batch >= 1, f"--micro-batch must be >= 1, got {self.micro_batch}")
+        if isinstance(self.micro_batch, str) and self.micro_batch != "auto":
+            try:
+                object.__setattr__(self, "micro_batch", int(self.micro_batch))
+            except ValueError:
+                raise ConfigError(
+                    f"--micro-batch must be a number or 'auto', got {self.micro_batch!r}"
+                ) from None
+        require(
+            self.micro_batch == "auto" or self.micro_batch >= 1,
+            f"--micro-batch must be >= 1, got {self.micro_batch}",
+        )
         require(self.lr > 0, f"--lr must be > 0, got {self.lr}")
         require(
             self.max_steps is None or self.max_steps >= 1,
@@ -264,9 +278,43 @@ def _open_data(cfg: PretrainConfig) -> _Data:
     return _Data(WindowSampler(sources, cfg.seq_len, cfg.seed), val, tok, inputs, ubase)
 
 
+def resolve_micro_batch(
+    cfg: PretrainConfig, mcfg: ModelConfig, budget: float, world_size: int = 1, act_bytes: int = 2
+) -> tuple[PretrainConfig, str]:
+    """`--micro-batch auto` -> the config with the largest micro-batch whose estimated memory fits
+    `budget` bytes per device (core/sizing.py), and a line saying so. The global batch stays
+    `batch_tokens`: what does not fit one micro-step is gradient accumulation."""
+    dp = data_parallel(world_size, cfg.tp)
+    rows = cfg.batch_tokens // cfg.seq_len
+    if cfg.batch_tokens % cfg.seq_len or rows % dp:
+        raise ConfigError(
+            f"--batch-tokens {cfg.batch_tokens} is not a whole number of {cfg.seq_len}-token rows "
+            f"for each of {dp} data-parallel rank(s)",
+            f"use a multiple of {cfg.seq_len * dp}",
+        )
+    mb, mem = sizing.auto_micro_batch(
+        mcfg,
+        rows_per_rank=rows // dp,
+        seq_len=cfg.seq_len,
+        budget=budget,
+        strategy=sizing.strategy_of(cfg.parallel, cfg.tp),
+        gpus=world_size,
+        tp=cfg.tp,
+        act_bytes=act_bytes,
+        checkpointing=cfg.activation_checkpointing,
+    )
+    line = (
+        f"--micro-batch auto: {mb} rows x {rows // dp // mb} accumulation steps "
+        f"(~{mem.total / sizing.GIB:.2f} GiB estimated of {budget / sizing.GIB:.1f} GiB)"
+    )
+    return replace(cfg, micro_batch=mb), line
+
+
 def plan(cfg: PretrainConfig, vocab_size: int, world_size: int = 1) -> dict:
     """Steps, accumulation and token budget of a run (raises ConfigError when they do not fit)."""
     mcfg = cfg.model_config(vocab_size)
+    if cfg.micro_batch == "auto":
+        raise ConfigError("--micro-batch auto must be resolved first (resolve_micro_batch)")
     rows = cfg.micro_batch * cfg.seq_len * world_size
     if cfg.batch_tokens % rows:
         raise ConfigError(
@@ -328,6 +376,15 @@ def _run(
     if not rt.is_main:
         progress = SILENT
     data = _open_data(cfg)
+    if cfg.micro_batch == "auto":
+        mcfg0 = (
+            ModelConfig.from_dict(check_checkpoint_dir(Path(cfg.init))["model"])
+            if cfg.init
+            else cfg.model_config(data.tokenizer.vocab_size)
+        )
+        act = 2 if rt.precision == "bf16" else 4
+        cfg, line = resolve_micro_batch(cfg, mcfg0, _agreed_memory(rt), rt.world_size, act)
+        progress.log(line)
     p = plan(cfg, data.tokenizer.vocab_size, dp)
     torch.manual_seed(cfg.seed)
     if cfg.init:
@@ -359,7 +416,7 @@ def _run(
             "each rank holds whole K/V heads: pick a --tp that divides both",
         )
     # TP splits the blocks over ranks and FSDP shards `model` in place; DDP returns a wrapper.
-    wrapped = wrap(model, mode, rt, tp=cfg.tp)
+    wrapped = wrap(model, mode, rt, tp=cfg.tp, checkpointing=cfg.activation_checkpointing)
     opt = make_adamw(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
     if resumed_from is not None and (resumed_from / SHARDS).is_dir():
         load_sharded_optimizer(model, opt, resumed_from / SHARDS)
@@ -513,6 +570,14 @@ def _run(
     return out.manifest
 
 
+def _agreed_memory(rt: Runtime) -> float:
+    """The smallest device memory over all ranks (so every rank picks the same micro-batch)."""
+    mem = torch.tensor([rt.memory_bytes()], dtype=torch.float64, device=rt.device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(mem, op=dist.ReduceOp.MIN)  # NCCL: on the device
+    return float(mem.item())
+
+
 def lm_loss(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """Mean next-token cross-entropy, in fp32 for stability under autocast, through the model's fused
     LM head + loss (`losses.linear_cross_entropy`: the full logits are never built)."""
@@ -542,23 +607,12 @@ def _resume(
     state = load_trainer_state(ckpt, None)  # the optimizer is loaded once the model is wrapped
     saved = state.get("config", {})
     names = {f.name for f in fields(PretrainConfig)}
-    # micro_batch is per rank: what fixes the rows of a micro-step is micro_batch x ranks.
+    # micro_batch and the number of ranks only cut each step's rows (core/batches.py): free.
     diff = [
         k
         for k in TRAJECTORY
         if k in names and k in saved and k != "micro_batch" and to_dict(cfg)[k] != saved[k]
     ]
-    # Ranks that read different rows: data-parallel groups, not TP ranks.
-    dp_then = state.get("world_size", 1) // state.get("tp", 1)
-    dp_now = data_parallel(rt.world_size, cfg.tp)
-    rows_then = saved.get("micro_batch", cfg.micro_batch) * dp_then
-    if rows_then != cfg.micro_batch * dp_now:
-        raise ConfigError(
-            f"--resume with {dp_now} data-parallel rank(s) x --micro-batch {cfg.micro_batch}: the "
-            f"run was saved with {dp_then} x {saved.get('micro_batch')} rows per micro-step",
-            f"keep micro-batch x data-parallel ranks = {rows_then}"
-            + (f": --micro-batch {rows_then // dp_now}" if rows_then % dp_now == 0 else ""),
-        )
     if (ckpt / SHARDS).is_dir() and state.get("tp", 1) != cfg.tp:
         raise ConfigError(
             f"{ckpt} is a sharded checkpoint of a --tp {state.get('tp', 1)} run; its optimizer "

@@ -10,6 +10,7 @@ create alone), in this order:
     OUT/tp_forward.json  logits of a tensor-parallel model against the unsharded one
     OUT/tp        tensor parallel over both ranks (--tp 2, no data parallelism)
     OUT/tpfsdp    TP + FSDP on the 1 x 2 (dp x tp) mesh, sharded checkpoints; OUT/resume2tp resumes
+    OUT/fsdpbf16  FSDP with bf16 autocast: bf16 gathered weights, fp32 gradient reduction
     OUT/crash     FSDP, 8 steps, in which rank 1 dies during step 5: the launch fails last
 """
 
@@ -82,9 +83,7 @@ def tensor_parallel(out: Path, cfg: dict) -> None:
     if dist.get_rank() == 0:
         (out / "tp_forward.json").write_text(json.dumps({"max_diff": diff, "wq_rows": local}))
     pretrain.run(out / "tp", pretrain.PretrainConfig(**{**tp_cfg, "parallel": "none"}))
-    tpfsdp = pretrain.PretrainConfig(
-        **{**tp_cfg, "parallel": "fsdp", "sharded_checkpoints": True}
-    )
+    tpfsdp = pretrain.PretrainConfig(**{**tp_cfg, "parallel": "fsdp", "sharded_checkpoints": True})
     pretrain.run(out / "tpfsdp", tpfsdp)
     if dist.get_rank() == 0:
         shutil.copytree(
@@ -93,6 +92,34 @@ def tensor_parallel(out: Path, cfg: dict) -> None:
         )
     dist.barrier()
     pretrain.run(out / "resume2tp", tpfsdp, resume=True)
+
+
+def mixed_precision(out: Path, cfg: dict) -> None:
+    """FSDP under bf16: a block computes with bf16 weights (gathered by the MixedPrecisionPolicy)
+    while the sharded master weights and their gradients stay fp32."""
+    import torch
+
+    from llmctl.core.model import Transformer
+    from llmctl.core.parallel import wrap
+    from llmctl.core.runtime import Runtime
+
+    bf16 = {**cfg, "parallel": "fsdp", "precision": "bf16"}
+    pretrain.run(out / "fsdpbf16", pretrain.PretrainConfig(**bf16))
+    model = Transformer(pretrain.PretrainConfig(**bf16).model_config(512))
+    wrap(model, "fsdp", Runtime.detect("cpu", "bf16"))
+    seen = {}
+    w2 = model.layers[0].mlp.w2
+
+    def note(m, _args) -> None:  # noqa: ANN001 - a hook that returns nothing leaves the input alone
+        seen.setdefault("compute", str(m.weight.dtype))
+
+    w2.register_forward_pre_hook(note)
+    ids = torch.randint(0, 512, (2, 16))
+    model(ids[:, :-1], targets=ids[:, 1:]).backward()
+    seen["master"] = str(w2.weight.dtype)
+    seen["grad"] = str(w2.weight.grad.dtype)
+    if dist.get_rank() == 0:
+        (out / "mp_policy.json").write_text(json.dumps(seen))
 
 
 def crash(out: Path, cfg: dict) -> None:
@@ -118,5 +145,6 @@ if __name__ == "__main__":
     dist.init_process_group("gloo")
     train(out, cfg)
     tensor_parallel(out, cfg)
+    mixed_precision(out, cfg)
     crash(out, cfg)
     dist.destroy_process_group()

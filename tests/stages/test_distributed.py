@@ -108,7 +108,7 @@ def test_fsdp_checkpoint_resumes_on_two_ranks_and_on_one(
     ref = losses(runs / "ref")
     two = losses(runs / resumed)
     assert sorted(two) == [4, 5]
-    # One process: the rows per micro-step (micro-batch x ranks) stay 8.
+    # One process with the 8 rows per micro-step of the 2 ranks together.
     one = runs / f"{run}-resume1"
     copy_checkpoint(runs / run, 3, one)
     m = pretrain.run(one, tiny_pretrain(tokens_dir, **{**SETTINGS, "micro_batch": 8}), resume=True)
@@ -117,11 +117,12 @@ def test_fsdp_checkpoint_resumes_on_two_ranks_and_on_one(
     for s in (4, 5):
         assert abs(two[s] - ref[s]) < 1e-4, (s, ref, two)
         assert abs(one_l[s] - ref[s]) < 1e-4, (s, ref, one_l)
-    # Other rows per micro-step would draw other data: refused, with the fix.
-    copy_checkpoint(runs / run, 3, runs / f"{run}-resume1b")
-    with pytest.raises(ConfigError, match="saved with 2 x 4 rows") as e:
-        pretrain.run(runs / f"{run}-resume1b", tiny_pretrain(tokens_dir, **SETTINGS), resume=True)
-    assert e.value.hint.endswith("--micro-batch 8")
+    # Another cut of the same steps (4 rows x 4 micro-steps in one process): the same batches.
+    other = runs / f"{run}-resume1b"
+    copy_checkpoint(runs / run, 3, other)
+    pretrain.run(other, tiny_pretrain(tokens_dir, **SETTINGS), resume=True)
+    for s in (4, 5):
+        assert abs(losses(other)[s] - ref[s]) < 1e-4, (s, ref, losses(other))
 
 
 @pytest.mark.slow
@@ -191,9 +192,22 @@ def test_tensor_parallel_checkpoints_resume_on_two_ranks_and_in_one_process(
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
     # ...but its optimizer shards only fit the same --tp.
     copy_checkpoint(runs / "tpfsdp", 3, runs / "tp-resume1s")
+    cfg = tiny_pretrain(tokens_dir, **{**SETTINGS, "micro_batch": 8})
     with pytest.raises(ConfigError, match="sharded checkpoint of a --tp 2 run"):
-        cfg = tiny_pretrain(tokens_dir, **{**SETTINGS, "micro_batch": 8})
         pretrain.run(runs / "tp-resume1s", cfg, resume=True)
+
+
+@pytest.mark.slow
+def test_fsdp_under_bf16_gathers_bf16_weights_and_reduces_in_fp32(runs: Runs) -> None:
+    policy = json.loads((runs / "mp_policy.json").read_text())
+    assert policy == {
+        "compute": "torch.bfloat16",
+        "master": "torch.float32",
+        "grad": "torch.float32",
+    }
+    ref, bf16 = losses(runs / "ref"), losses(runs / "fsdpbf16")
+    assert sorted(bf16) == [1, 2, 3, 4, 5]
+    assert max(abs(bf16[s] - ref[s]) for s in ref) < 0.05, (ref, bf16)  # bf16 rounding only
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,108 @@
+"""core/parallel.py in one process: the unfused (tensor-parallel) layout and its state-dict
+conversions, activation checkpointing and the gradient-norm clip. The multi-process cases are in
+tests/stages/test_distributed.py."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from llmctl.core.model import ModelConfig, Transformer
+from llmctl.core.optim import make_adamw
+from llmctl.core.parallel import (
+    checkpoint_activations,
+    clip_grad_norm,
+    full_model_state,
+    full_optimizer_state,
+    fuse_state,
+    load_optimizer_state,
+    unfuse,
+)
+
+CFG = ModelConfig(vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48)
+
+
+def model(seed: int = 0) -> Transformer:
+    torch.manual_seed(seed)
+    return Transformer(CFG)
+
+
+def step(m: torch.nn.Module, opt: torch.optim.Optimizer, seed: int) -> float:
+    ids = torch.randint(0, CFG.vocab_size, (3, 12), generator=torch.Generator().manual_seed(seed))
+    loss = m(ids[:, :-1], targets=ids[:, 1:])
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+    return float(loss.detach())
+
+
+def test_the_unfused_model_computes_the_same_and_fuses_back() -> None:
+    fused, split = model(), model()
+    unfuse(split)
+    assert "wqkv" not in split.layers[0].attn._modules
+    names = [n for n, _ in split.layers[0].named_parameters()]
+    assert names[:4] == ["attn_norm.weight", "attn.wq.weight", "attn.wk.weight", "attn.wv.weight"]
+    assert names[5:8] == ["mlp_norm.weight", "mlp.w1.weight", "mlp.w3.weight"]
+    ids = torch.randint(0, CFG.vocab_size, (2, 10))
+    assert torch.allclose(fused(ids), split(ids), atol=1e-6)
+    a, b = full_model_state(fused), full_model_state(split)
+    assert list(a) == list(b)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_optimizer_state_moves_between_the_fused_and_unfused_layouts() -> None:
+    """A TP run's one-file optimizer state is in the fused order: it resumes without TP, and a
+    fused one resumes with TP; the moments (elementwise) are cut and joined exactly."""
+    fused, split = model(), model()
+    unfuse(split)
+    opt_f = make_adamw(fused, 1e-2, 0.1, (0.9, 0.95))
+    opt_s = make_adamw(split, 1e-2, 0.1, (0.9, 0.95))
+    for s in range(2):
+        assert abs(step(fused, opt_f, s) - step(split, opt_s, s)) < 1e-5
+    saved_f, saved_s = full_optimizer_state(fused, opt_f), full_optimizer_state(split, opt_s)
+    assert [len(g["params"]) for g in saved_s["param_groups"]] == [
+        len(g["params"]) for g in saved_f["param_groups"]
+    ]
+    for i, st in saved_f["state"].items():
+        assert torch.allclose(st["exp_avg_sq"], saved_s["state"][i]["exp_avg_sq"], atol=1e-8)
+    # Cross-load: each continues as the other would have.
+    fused2, split2 = copy.deepcopy(fused), copy.deepcopy(split)
+    opt_f2 = make_adamw(fused2, 1e-2, 0.1, (0.9, 0.95))
+    opt_s2 = make_adamw(split2, 1e-2, 0.1, (0.9, 0.95))
+    load_optimizer_state(fused2, opt_f2, saved_s)
+    load_optimizer_state(split2, opt_s2, saved_f)
+    ref = step(fused, opt_f, 7)
+    assert abs(step(fused2, opt_f2, 7) - ref) < 1e-5
+    assert abs(step(split2, opt_s2, 7) - ref) < 1e-5
+
+
+def test_fuse_state_leaves_a_fused_state_alone() -> None:
+    sd = model().state_dict()
+    assert fuse_state(sd) is sd
+
+
+def test_activation_checkpointing_changes_memory_not_results() -> None:
+    plain, ckpt = model(), model()
+    checkpoint_activations(ckpt)
+    ids = torch.randint(0, CFG.vocab_size, (2, 16))
+    for m in (plain, ckpt):
+        m(ids[:, :-1], targets=ids[:, 1:]).backward()
+    for (n, a), (_, b) in zip(plain.named_parameters(), ckpt.named_parameters(), strict=True):
+        assert torch.allclose(a.grad, b.grad, atol=1e-6), n
+    assert list(plain.state_dict()) == list(ckpt.state_dict())
+    with torch.no_grad():  # decoding runs the plain forward
+        assert torch.equal(plain(ids), ckpt(ids))
+
+
+@pytest.mark.parametrize("max_norm", [0.05, float("inf")])
+def test_clip_grad_norm_equals_torchs(max_norm: float) -> None:
+    a, b = model(), model()
+    ids = torch.randint(0, CFG.vocab_size, (2, 16))
+    for m in (a, b):
+        m(ids[:, :-1], targets=ids[:, 1:]).backward()
+    ref = torch.nn.utils.clip_grad_norm_(list(a.parameters()), max_norm)
+    assert abs(clip_grad_norm(list(b.parameters()), max_norm) - float(ref)) < 1e-6
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        assert torch.allclose(p.grad, q.grad)
