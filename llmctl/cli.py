@@ -897,13 +897,7 @@ def pretrain(
     batch_tokens: Annotated[
         int | None, typer.Option(help="Tokens per optimizer step (gradient accumulation fills it).")
     ] = None,
-    micro_batch: Annotated[
-        str | None,
-        typer.Option(
-            help="Rows per forward pass on each rank, or auto: the largest that fits the device's "
-            "memory (estimated), the rest of --batch-tokens by gradient accumulation."
-        ),
-    ] = None,
+    micro_batch: Annotated[int | None, typer.Option(help="Rows per forward pass.")] = None,
     max_steps: Annotated[
         int | None, typer.Option(help="Optimizer steps (overrides --tokens).")
     ] = None,
@@ -966,13 +960,6 @@ def pretrain(
             "with several groups --parallel fsdp). --dry-run: sizes the fsdp+tp row."
         ),
     ] = None,
-    activation_checkpointing: Annotated[
-        bool | None,
-        typer.Option(
-            "--activation-checkpointing/--no-activation-checkpointing",
-            help="Recompute each block's activations in backward: less memory, ~1/3 more compute.",
-        ),
-    ] = None,
     config: ConfigOpt = None,
     force: ForceOpt = False,
 ) -> None:
@@ -1022,7 +1009,6 @@ def pretrain(
         compile=compile,
         parallel=parallel,
         tp=tp,
-        activation_checkpointing=activation_checkpointing,
         sharded_checkpoints=sharded_checkpoints,
     )
     if dry_run:
@@ -1042,6 +1028,14 @@ def pretrain(
 
 
 # -- post-training ---------------------------------------------------------------------------------
+
+ParallelOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Under torchrun: ddp (replicated model) or fsdp (sharded, ZeRO-3); none alone. "
+        "--micro-batch is per rank, --batch-size global."
+    ),
+]
 
 
 @app.command(
@@ -1099,6 +1093,7 @@ def sft(
     ] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N, mps.")] = None,
     precision: Annotated[str | None, typer.Option(help="auto, fp32 or bf16 (autocast).")] = None,
+    parallel: ParallelOpt = None,
     resume: Annotated[
         bool,
         typer.Option("--resume", help="Continue from the newest checkpoint in OUTPUT.partial/."),
@@ -1112,7 +1107,9 @@ def sft(
     packs them into rows with attention kept inside each conversation, and trains with the same
     loop as pretrain (warmup + cosine, accumulation, clipping, checkpoints, --resume). The output
     is a plain checkpoint: `llmctl generate OUT "question" --chat` talks to it.
+    Several processes: torchrun --nproc_per_node N -m llmctl sft ... --parallel ddp|fsdp.
     """
+    from llmctl.core.distributed import is_main_process
     from llmctl.stages import sft as stage
 
     cfg = make_config(
@@ -1143,7 +1140,11 @@ def sft(
         else None,
         device=device,
         precision=precision,
+        parallel=parallel,
     )
+    if not is_main_process():  # rank 0 alone prints
+        stage.run(output, cfg, force=force, resume=resume)
+        return
     show_config(cfg)
     m = stage.run(output, cfg, force=force, resume=resume, progress=progress())
     rows = {
@@ -1232,6 +1233,7 @@ def rm_run(
     save_every: PairSaveOpt = None,
     device: DeviceOpt = None,
     precision: PrecisionOpt = None,
+    parallel: ParallelOpt = None,
     resume: ResumeOpt = False,
     config: ConfigOpt = None,
     force: ForceOpt = False,
@@ -1242,7 +1244,9 @@ def rm_run(
     Reports held-out accuracy (share of pairs ranked right) and mean margin, before and after.
     The output is a checkpoint plus head.safetensors: `llmctl ppo --reward OUT` and `rm score` read
     it, and `generate` still opens it as a plain LM.
+    Several processes: torchrun --nproc_per_node N -m llmctl rm ... --parallel ddp|fsdp.
     """
+    from llmctl.core.distributed import is_main_process
     from llmctl.stages import rm as stage
 
     cfg = make_config(
@@ -1264,7 +1268,11 @@ def rm_run(
         save_every=save_every,
         device=device,
         precision=precision,
+        parallel=parallel,
     )
+    if not is_main_process():  # rank 0 alone prints
+        stage.run(output, cfg, force=force, resume=resume)
+        return
     show_config(cfg)
     m = stage.run(output, cfg, force=force, resume=resume, progress=progress())
     _pair_summary(f"rm -> {output}", m)
@@ -1337,6 +1345,7 @@ def dpo(
     save_every: PairSaveOpt = None,
     device: DeviceOpt = None,
     precision: PrecisionOpt = None,
+    parallel: ParallelOpt = None,
     resume: ResumeOpt = False,
     config: ConfigOpt = None,
     force: ForceOpt = False,
@@ -1347,7 +1356,9 @@ def dpo(
     sequence log-probs summed over the answer tokens; the reference's are computed once up front.
     Reports implicit-reward accuracy and margin on held-out pairs. The output is a plain checkpoint
     (`llmctl generate OUT "question" --chat`).
+    Several processes: torchrun --nproc_per_node N -m llmctl dpo ... --parallel ddp|fsdp.
     """
+    from llmctl.core.distributed import is_main_process
     from llmctl.stages import dpo as stage
 
     cfg = make_config(
@@ -1371,7 +1382,11 @@ def dpo(
         save_every=save_every,
         device=device,
         precision=precision,
+        parallel=parallel,
     )
+    if not is_main_process():  # rank 0 alone prints
+        stage.run(output, cfg, force=force, resume=resume)
+        return
     show_config(cfg)
     m = stage.run(output, cfg, force=force, resume=resume, progress=progress())
     _pair_summary(f"dpo -> {output}", m)
@@ -2381,15 +2396,9 @@ def _pretrain_plan(
         vocab_size = int((Manifest.read(Path(first)).tokenizer or {})["vocab_size"])
     if gpus < 1 or tp < 1 or gpus % tp:
         raise ConfigError(f"--tp {tp} must divide --gpus {gpus}")
-    act_bytes = 4 if cfg.precision == "fp32" else 2
-    auto = cfg.micro_batch == "auto"
-    if auto:  # the largest micro-batch that fits the chosen GPU, by the same estimate
-        budget = sizing.GPUS[gpu][1] if gpu in sizing.GPUS else 0.0
-        cfg, _ = stage.resolve_micro_batch(
-            cfg, cfg.model_config(vocab_size), budget, gpus, act_bytes
-        )
     p = stage.plan(cfg, vocab_size, world_size=gpus // tp)
     mcfg = p["model"]
+    act_bytes = 4 if cfg.precision == "fp32" else 2
     kw = {"seq_len": cfg.seq_len, "micro_batch": cfg.micro_batch, "gpus": gpus, "tp": tp}
     e = sizing.estimate(mcfg, tokens=p["tokens"], gpu=gpu, mfu=mfu, act_bytes=act_bytes, **kw)
     ckpt = sizing.estimate(
@@ -2402,8 +2411,8 @@ def _pretrain_plan(
         "parameters": f"{e.params / 1e6:,.1f}M ({e.params_non_embedding / 1e6:,.1f}M non-embedding)",
         "tokens": f"{e.tokens / 1e9:,.3f}B ({p['steps']:,} steps x {cfg.batch_tokens:,}; "
         f"Chinchilla 20/param = {20 * e.params / 1e9:,.2f}B)",
-        "batch": f"{cfg.micro_batch} rows{' (auto)' if auto else ''} x {cfg.seq_len} tokens x "
-        f"{gpus // tp} data-parallel ranks x {p['grad_accum']} accumulation",
+        "batch": f"{cfg.micro_batch} rows x {cfg.seq_len} tokens x {gpus // tp} data-parallel "
+        f"ranks x {p['grad_accum']} accumulation",
         "FLOPs/token": f"{e.flops_per_token:.4g} (6N + 12 L d T)",
         "FLOPs": f"{e.flops:.4g}",
         "time": (f"{hours:,.1f} h" if hours >= 1 else f"{e.seconds / 60:,.2f} min")

@@ -34,34 +34,29 @@ from llmctl.core.runtime import Runtime
 T = TypeVar("T")
 
 
-def effective_mode(mode: Parallel, rt: Runtime) -> Parallel:
-    """The parallel mode this run uses: `mode` with several processes, "none" in one.
+def plan_ranks(
+    mode: Parallel, batch_size: int, micro_batch: int, rt: Runtime, unit: str = "rows"
+) -> tuple[Parallel, int]:
+    """The parallel mode this run uses ("none" in one process) and its micro-steps per optimizer
+    step: `batch_size` (global) over micro-batch x ranks. Cheap: stages call it before loading.
 
     Raises:
-        ConfigError: Several processes but no mode (each would train its own copy).
+        ConfigError: Several processes but no mode (each would train its own copy), or a batch
+            size that is not a multiple of micro-batch x ranks.
     """
     if rt.world_size > 1 and mode == "none":
         raise ConfigError(
             f"{rt.world_size} processes but --parallel none: each would train its own copy",
             "pass --parallel ddp (replicated) or --parallel fsdp (sharded)",
         )
-    return mode if rt.world_size > 1 else "none"
-
-
-def grad_accum(batch_size: int, micro_batch: int, world_size: int, unit: str = "rows") -> int:
-    """Micro-steps per optimizer step: `batch_size` (global) over micro-batch x ranks.
-
-    Raises:
-        ConfigError: `batch_size` is not a multiple of micro-batch x ranks.
-    """
-    per = micro_batch * world_size
+    per = micro_batch * rt.world_size
     if batch_size % per:
         raise ConfigError(
             f"--batch-size {batch_size} is not a multiple of --micro-batch x ranks = "
-            f"{micro_batch} x {world_size} = {per} {unit}",
+            f"{micro_batch} x {rt.world_size} = {per} {unit}",
             f"use --batch-size {max(per, round(batch_size / per) * per)}",
         )
-    return batch_size // per
+    return (mode if rt.world_size > 1 else "none"), batch_size // per
 
 
 def rank_share(items: Sequence[T], rt: Runtime) -> list[T]:
@@ -100,6 +95,19 @@ def wrap_around(outer: nn.Module, blocks: nn.ModuleList, mode: Parallel, rt: Run
         fully_shard(block, mesh=mesh)
     fully_shard(outer, mesh=mesh)
     return outer
+
+
+def reshard(module: nn.Module) -> None:
+    """Shard an FSDP root's parameters again after a forward outside training (no-op otherwise).
+
+    FSDP keeps the root's parameters gathered after a forward and registers the gathered tensors
+    as the module's parameters in place of the shards the optimizer holds; `module.parameters()`
+    (what the training loop clips) must list the shards again before training starts.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(module, FSDPModule):
+        module.reshard()
 
 
 def writer(dst: Path, rt: Runtime, stage: str, **commit: Any) -> contextlib.AbstractContextManager:

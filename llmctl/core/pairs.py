@@ -51,10 +51,10 @@ from llmctl.core.config import require, to_dict
 from llmctl.core.data_parallel import (
     cat_over_ranks,
     check_resume_rows,
-    effective_mode,
-    grad_accum,
     on_ranks,
+    plan_ranks,
     rank_share,
+    reshard,
     wrap_around,
     writer,
 )
@@ -385,12 +385,12 @@ def train_pairs(
         TrainingError: the loss became non-finite.
     """
     dst = Path(dst)
-    mode = effective_mode(cfg.parallel, rt)
+    mode, accum = plan_ranks(cfg.parallel, cfg.batch_size, cfg.micro_batch, rt, "pairs")
     progress = progress if rt.is_main else SILENT
     return on_ranks(
         dst,
         rt,
-        lambda: _train_pairs(dst, cfg, data, stage, rt, mode, force, resume, progress),
+        lambda: _train_pairs(dst, cfg, data, stage, rt, mode, accum, force, resume, progress),
     )
 
 
@@ -401,12 +401,12 @@ def _train_pairs(
     stage: PairStage,
     rt: Runtime,
     mode: Parallel,
+    accum: int,
     force: bool,
     resume: bool,
     progress: Progress,
 ) -> Manifest:
     conf = to_dict(cfg)
-    accum = grad_accum(cfg.batch_size, cfg.micro_batch, rt.world_size, "pairs")
     start, ckpt = 0, None
     if resume:  # the weights go into the whole model, before it is wrapped
         start, ckpt = resume_point(partial_path(dst), conf, rt)
@@ -453,6 +453,7 @@ def _train_pairs(
             if data.val and not resume
             else {}
         )
+        reshard(module)  # that forward left FSDP's root parameters gathered
 
         def batch(step: int, micro: int) -> PairBatch:
             every_rank = pair_indices(

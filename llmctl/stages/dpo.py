@@ -35,7 +35,7 @@ from llmctl.core.artifacts import Manifest, check_output, input_record
 from llmctl.core.chatdata import IGNORE
 from llmctl.core.checkpoint import load_checkpoint, save_checkpoint, write_checkpoint_files
 from llmctl.core.config import require
-from llmctl.core.data_parallel import effective_mode
+from llmctl.core.data_parallel import plan_ranks
 from llmctl.core.errors import InputError
 from llmctl.core.model import ModelConfig, Transformer
 from llmctl.core.pairs import (
@@ -88,7 +88,8 @@ def run(
     if not resume:
         check_output(dst, force)
     rt = runtime or Runtime.detect(cfg.device, cfg.precision)
-    effective_mode(cfg.parallel, rt)  # several processes without a mode: refused before loading
+    # Several processes without a mode, or a batch they do not divide: refused before loading.
+    plan_ranks(cfg.parallel, cfg.batch_size, cfg.micro_batch, rt, "pairs")
     ck = load_checkpoint(Path(cfg.init), device=rt.device)
     policy, tok = ck.model, ck.tokenizer
     data = load_pair_data(cfg, tok, policy.cfg.max_seq_len)

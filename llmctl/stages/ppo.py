@@ -29,6 +29,9 @@ length and the generation / scoring / optimisation seconds). A checkpoint is a p
 of the policy (`llmctl generate` loads it) plus, as trainer state, the optimizer moments, beta and
 the critic (`trainer_state.critic.safetensors`). `--resume` continues from the newest one: prompts,
 sampling seeds and minibatch orders are pure functions of (seed, step), so it follows the same path.
+
+ppo runs in one process: started on several (torchrun) it stops with a ConfigError rather than
+train a copy per process (sft, rm and dpo have `--parallel ddp|fsdp`).
 """
 
 from __future__ import annotations
@@ -612,6 +615,13 @@ def run(
     """
     dst = Path(dst)
     rt = runtime or Runtime.detect(cfg.device, cfg.precision)
+    if rt.world_size > 1:
+        # TODO: DDP for policy and critic, rollouts per rank on its own prompts, advantages
+        # whitened over all ranks (issue 8); until then several processes would train copies.
+        raise ConfigError(
+            f"ppo runs in one process for now, but {rt.world_size} were started (torchrun)",
+            "run it without torchrun: llmctl ppo PROMPTS --init SFT --reward-model RM -o OUT",
+        )
     torch.manual_seed(cfg.seed)
     models = _load_models(cfg, rt)  # every input is checked before anything is written
     prompts, src = load_prompts(cfg.prompts)

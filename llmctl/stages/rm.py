@@ -39,7 +39,7 @@ from llmctl.core.chatdata import (
 )
 from llmctl.core.checkpoint import load_checkpoint
 from llmctl.core.config import require, to_dict
-from llmctl.core.data_parallel import effective_mode
+from llmctl.core.data_parallel import plan_ranks
 from llmctl.core.heads import (
     RewardModel,
     is_reward_model,
@@ -78,7 +78,8 @@ def run(
     if not resume:
         check_output(dst, force)
     rt = runtime or Runtime.detect(cfg.device, cfg.precision)
-    effective_mode(cfg.parallel, rt)  # several processes without a mode: refused before loading
+    # Several processes without a mode, or a batch they do not divide: refused before loading.
+    plan_ranks(cfg.parallel, cfg.batch_size, cfg.micro_batch, rt, "pairs")
     torch.manual_seed(cfg.seed)  # the head's initialisation
     if is_reward_model(Path(cfg.init)):  # continue training a reward model, head included
         rm, tok = load_reward_model(Path(cfg.init), device=rt.device)

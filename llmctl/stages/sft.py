@@ -64,9 +64,8 @@ from llmctl.core.checkpoint import (
 from llmctl.core.config import require, to_dict
 from llmctl.core.data_parallel import (
     check_resume_rows,
-    effective_mode,
-    grad_accum,
     on_ranks,
+    plan_ranks,
     rank_share,
     writer,
 )
@@ -243,10 +242,12 @@ def run(
     """
     dst = Path(dst)
     rt = runtime or Runtime.detect(cfg.device, cfg.precision)
-    mode = effective_mode(cfg.parallel, rt)
+    mode, accum = plan_ranks(cfg.parallel, cfg.batch_size, cfg.micro_batch, rt)
     progress = progress if rt.is_main else SILENT
     return on_ranks(
-        dst, rt, lambda: _run(dst, cfg, rt, mode, force=force, resume=resume, progress=progress)
+        dst,
+        rt,
+        lambda: _run(dst, cfg, rt, mode, accum, force=force, resume=resume, progress=progress),
     )
 
 
@@ -255,6 +256,7 @@ def _run(
     cfg: SFTConfig,
     rt: Runtime,
     mode: Parallel,
+    accum: int,
     *,
     force: bool,
     resume: bool,
@@ -278,7 +280,6 @@ def _run(
             "raise --seq-len or check the data",
         )
     plan = plan_rows(train_ex, cfg)
-    accum = grad_accum(cfg.batch_size, cfg.micro_batch, rt.world_size)
     trainable = _setup_lora(model, cfg)
     inputs = [src.record(), input_record(cfg.init, "checkpoint")]
     start, resumed_from = 0, None
