@@ -897,7 +897,13 @@ def pretrain(
     batch_tokens: Annotated[
         int | None, typer.Option(help="Tokens per optimizer step (gradient accumulation fills it).")
     ] = None,
-    micro_batch: Annotated[int | None, typer.Option(help="Rows per forward pass.")] = None,
+    micro_batch: Annotated[
+        str | None,
+        typer.Option(
+            help="Rows per forward pass on each rank, or auto: the largest that fits the device's "
+            "memory (estimated), the rest of --batch-tokens by gradient accumulation."
+        ),
+    ] = None,
     max_steps: Annotated[
         int | None, typer.Option(help="Optimizer steps (overrides --tokens).")
     ] = None,
@@ -960,6 +966,13 @@ def pretrain(
             "with several groups --parallel fsdp). --dry-run: sizes the fsdp+tp row."
         ),
     ] = None,
+    activation_checkpointing: Annotated[
+        bool | None,
+        typer.Option(
+            "--activation-checkpointing/--no-activation-checkpointing",
+            help="Recompute each block's activations in backward: less memory, ~1/3 more compute.",
+        ),
+    ] = None,
     config: ConfigOpt = None,
     force: ForceOpt = False,
 ) -> None:
@@ -1009,6 +1022,7 @@ def pretrain(
         compile=compile,
         parallel=parallel,
         tp=tp,
+        activation_checkpointing=activation_checkpointing,
         sharded_checkpoints=sharded_checkpoints,
     )
     if dry_run:
@@ -2396,9 +2410,15 @@ def _pretrain_plan(
         vocab_size = int((Manifest.read(Path(first)).tokenizer or {})["vocab_size"])
     if gpus < 1 or tp < 1 or gpus % tp:
         raise ConfigError(f"--tp {tp} must divide --gpus {gpus}")
+    act_bytes = 4 if cfg.precision == "fp32" else 2
+    auto = cfg.micro_batch == "auto"
+    if auto:  # the largest micro-batch that fits the chosen GPU, by the same estimate
+        budget = sizing.GPUS[gpu][1] if gpu in sizing.GPUS else 0.0
+        cfg, _ = stage.resolve_micro_batch(
+            cfg, cfg.model_config(vocab_size), budget, gpus, act_bytes
+        )
     p = stage.plan(cfg, vocab_size, world_size=gpus // tp)
     mcfg = p["model"]
-    act_bytes = 4 if cfg.precision == "fp32" else 2
     kw = {"seq_len": cfg.seq_len, "micro_batch": cfg.micro_batch, "gpus": gpus, "tp": tp}
     e = sizing.estimate(mcfg, tokens=p["tokens"], gpu=gpu, mfu=mfu, act_bytes=act_bytes, **kw)
     ckpt = sizing.estimate(
@@ -2411,8 +2431,8 @@ def _pretrain_plan(
         "parameters": f"{e.params / 1e6:,.1f}M ({e.params_non_embedding / 1e6:,.1f}M non-embedding)",
         "tokens": f"{e.tokens / 1e9:,.3f}B ({p['steps']:,} steps x {cfg.batch_tokens:,}; "
         f"Chinchilla 20/param = {20 * e.params / 1e9:,.2f}B)",
-        "batch": f"{cfg.micro_batch} rows x {cfg.seq_len} tokens x {gpus // tp} data-parallel "
-        f"ranks x {p['grad_accum']} accumulation",
+        "batch": f"{cfg.micro_batch} rows{' (auto)' if auto else ''} x {cfg.seq_len} tokens x "
+        f"{gpus // tp} data-parallel ranks x {p['grad_accum']} accumulation",
         "FLOPs/token": f"{e.flops_per_token:.4g} (6N + 12 L d T)",
         "FLOPs": f"{e.flops:.4g}",
         "time": (f"{hours:,.1f} h" if hours >= 1 else f"{e.seconds / 60:,.2f} min")
