@@ -5,10 +5,11 @@ the whole stage. Each micro-step of an optimizer step draws `micro_batch x N` ro
 the single-process order and every rank takes its own contiguous share of them (`rank_share`), so
 `--micro-batch` is per rank, `--batch-size` is global, and a run on N ranks takes the optimizer
 steps of one process with `micro_batch x N` rows per micro-step. The model is wrapped from outside
-(`core/parallel.py`; `wrap_around` for the modules built around a decoder: a reward model, DPO's
-log-prob reader). Rank 0 alone writes (`writer`); the others return the manifest it committed
-(`on_ranks`). Evaluation runs every held-out row on every rank: under FSDP each forward is a
-collective, so all ranks must make the same calls, and the numbers come out the same everywhere.
+by `parallel.wrap` (a reward model and DPO's log-prob reader list their decoder's blocks as
+`layers`, so FSDP shards those, then the whole module with its heads as the root). Rank 0 alone
+writes (`writer`); the others return the manifest it committed (`on_ranks`). Evaluation runs every
+held-out row on every rank: under FSDP each forward is a collective, so all ranks must make the
+same calls, and the numbers come out the same everywhere.
 
 Checkpoints are the one-file format, gathered from the shards under FSDP, and record the world
 size: a run resumes as long as micro-batch x ranks stays the same (`check_resume_rows`).
@@ -28,7 +29,7 @@ from torch import nn
 from llmctl.core.artifacts import Manifest, Output, commit_output, partial_path
 from llmctl.core.distributed import active, barrier, process_group
 from llmctl.core.errors import ConfigError
-from llmctl.core.parallel import Parallel, wrap
+from llmctl.core.parallel import Parallel
 from llmctl.core.runtime import Runtime
 
 T = TypeVar("T")
@@ -75,26 +76,6 @@ def cat_over_ranks(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, t)
     return torch.cat(parts, dim=-1).cpu()
-
-
-def wrap_around(outer: nn.Module, blocks: nn.ModuleList, mode: Parallel, rt: Runtime) -> nn.Module:
-    """`parallel.wrap` for a module built around a decoder (its `blocks` inside, a head beside).
-
-    FSDP shards every block, then `outer` as the root, so the root's parameters (embedding, final
-    norm, LM head and any extra head) are gathered for the whole of `outer.forward`: code there
-    may read them directly (DPO's chunked log-probs read the LM head weight). DDP and none are
-    `parallel.wrap`'s. Build the optimizer after this call.
-    """
-    if mode != "fsdp":
-        return wrap(outer, mode, rt)
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    mesh = init_device_mesh(rt.device.type, (rt.world_size,))
-    for block in blocks:
-        fully_shard(block, mesh=mesh)
-    fully_shard(outer, mesh=mesh)
-    return outer
 
 
 def reshard(module: nn.Module) -> None:

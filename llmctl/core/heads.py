@@ -77,6 +77,12 @@ class RewardModel(nn.Module):
         """The backbone's architecture."""
         return self.backbone.cfg
 
+    @property
+    def layers(self) -> nn.ModuleList:
+        """The backbone's blocks: `parallel.wrap` shards each under FSDP, then this module (the
+        embedding, final norm and head) as the root."""
+        return self.backbone.layers
+
     def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Rewards of right-padded rows.
 

@@ -55,7 +55,6 @@ from llmctl.core.data_parallel import (
     plan_ranks,
     rank_share,
     reshard,
-    wrap_around,
     writer,
 )
 from llmctl.core.errors import ConfigError, InputError
@@ -65,6 +64,7 @@ from llmctl.core.parallel import (
     full_model_state,
     full_optimizer_state,
     load_optimizer_state,
+    wrap,
 )
 from llmctl.core.plots import plot_metrics
 from llmctl.core.progress import SILENT, Progress
@@ -298,7 +298,7 @@ class PairStage:
     """What a pair-training stage plugs into `train_pairs`.
 
     model: the trained module (all its parameters with requires_grad go to the optimizer), built
-        around a decoder whose transformer blocks are `blocks` (FSDP shards each).
+        around a decoder whose blocks it lists as `layers` (`parallel.wrap` shards each for FSDP).
     rewards: (model, batch) -> (r_chosen, r_rejected), each (B,) fp32.
     save: (path, manifest, state) -> writes a checkpoint atomically. `state` holds `weights`
         (`model`'s whole state dict, gathered from the ranks), `optimizer` (its state as one process
@@ -309,7 +309,6 @@ class PairStage:
 
     name: str
     model: nn.Module
-    blocks: nn.ModuleList
     tokenizer: Tokenizer
     rewards: Rewards
     save: Callable[[Path, Manifest, dict[str, Any]], Any]
@@ -412,7 +411,7 @@ def _train_pairs(
         start, ckpt = resume_point(partial_path(dst), conf, rt)
         stage.load_weights(ckpt)
     module = stage.model
-    wrapped = wrap_around(module, stage.blocks, mode, rt)  # FSDP shards `module` in place
+    wrapped = wrap(module, mode, rt)  # FSDP shards `module` in place; DDP returns a wrapper
     opt = make_adamw(module, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
     if ckpt is not None and (opt_state := read_optimizer_state(ckpt)) is not None:
         load_optimizer_state(module, opt, opt_state)  # read_optimizer_state restored the RNG

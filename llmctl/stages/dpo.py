@@ -127,7 +127,6 @@ def run(
     stage = PairStage(
         name="dpo",
         model=AnswerLogprobs(policy),
-        blocks=policy.layers,
         tokenizer=tok,
         rewards=rewards,
         save=lambda p, m, st: save_checkpoint(p, policy, tok, manifest=m, **files(st)),
@@ -150,6 +149,12 @@ class AnswerLogprobs(nn.Module):
     def cfg(self) -> ModelConfig:
         """The policy's architecture."""
         return self.policy.cfg
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        """The policy's blocks: `parallel.wrap` shards each under FSDP, then this module as the
+        root, so the LM head stays gathered for the whole forward."""
+        return self.policy.layers
 
     def forward(self, ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """(2B, T) ids and next-token targets (IGNORE off the answer) -> (2B,) fp32 sums."""

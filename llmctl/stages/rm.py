@@ -94,7 +94,6 @@ def run(
     stage = PairStage(
         name="rm",
         model=rm,
-        blocks=rm.backbone.layers,
         tokenizer=tok,
         rewards=rewards,
         save=lambda p, m, st: save_reward_model(p, rm, tok, manifest=m, **st),
