@@ -7,7 +7,7 @@ the single-process order and every rank takes its own contiguous share of them (
 steps of one process with `micro_batch x N` rows per micro-step. The model is wrapped from outside
 by `parallel.wrap` (a reward model and DPO's log-prob reader list their decoder's blocks as
 `layers`, so FSDP shards those, then the whole module with its heads as the root). Rank 0 alone
-writes (`writer`); the others return the manifest it committed (`on_ranks`). Evaluation runs every
+writes (`run_output`); the others return the manifest it committed (`on_ranks`). Evaluation runs every
 held-out row on every rank: under FSDP each forward is a collective, so all ranks must make the
 same calls, and the numbers come out the same everywhere.
 
@@ -18,7 +18,7 @@ size: a run resumes as long as micro-batch x ranks stays the same (`check_resume
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -31,6 +31,7 @@ from llmctl.core.distributed import active, barrier, process_group
 from llmctl.core.errors import ConfigError
 from llmctl.core.parallel import Parallel
 from llmctl.core.runtime import Runtime
+from llmctl.core.train_loop import truncate_metrics
 
 T = TypeVar("T")
 
@@ -91,13 +92,41 @@ def reshard(module: nn.Module) -> None:
         module.reshard()
 
 
-def writer(dst: Path, rt: Runtime, stage: str, **commit: Any) -> contextlib.AbstractContextManager:
-    """`commit_output(dst, kind="checkpoint", ...)` on rank 0; elsewhere a stand-in `Output` on the
-    same run directory (for reading checkpoints back), which writes and commits nothing."""
-    if rt.is_main:
-        return commit_output(dst, kind="checkpoint", stage=stage, **commit)
-    stand_in = Output(partial_path(dst), Manifest(kind="checkpoint", stage=stage))
-    return contextlib.nullcontext(stand_in)
+@contextlib.contextmanager
+def run_output(
+    dst: Path,
+    rt: Runtime,
+    stage: str,
+    *,
+    config: dict[str, Any],
+    inputs: list[dict[str, Any]],
+    force: bool,
+    resume: bool,
+    start: int,
+) -> Iterator[Output]:
+    """A training run's output directory, `<dst>.partial` until it is committed to `dst`.
+
+    Rank 0 writes it (`commit_output`, kept on error for `--resume`, started afresh unless
+    resuming), with `checkpoints/` made and `metrics.jsonl` cut back to step `start` on a resume.
+    Other ranks get a stand-in `Output` on the same directory, which writes and commits nothing.
+    """
+    if not rt.is_main:
+        yield Output(partial_path(dst), Manifest(kind="checkpoint", stage=stage))
+        return
+    with commit_output(
+        dst,
+        kind="checkpoint",
+        stage=stage,
+        config=config,
+        inputs=inputs,
+        force=force,
+        keep_partial_on_error=True,
+        fresh=not resume,
+    ) as out:
+        (out.path / "checkpoints").mkdir(exist_ok=True)
+        if resume:
+            truncate_metrics(out.path / "metrics.jsonl", start)
+        yield out
 
 
 def on_ranks(dst: Path, rt: Runtime, body: Callable[[], Manifest]) -> Manifest:

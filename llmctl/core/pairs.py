@@ -55,7 +55,7 @@ from llmctl.core.data_parallel import (
     plan_ranks,
     rank_share,
     reshard,
-    writer,
+    run_output,
 )
 from llmctl.core.errors import ConfigError, InputError
 from llmctl.core.optim import make_adamw
@@ -70,7 +70,7 @@ from llmctl.core.plots import plot_metrics
 from llmctl.core.progress import SILENT, Progress
 from llmctl.core.runtime import Runtime
 from llmctl.core.tokenizer import Tokenizer
-from llmctl.core.train_loop import Schedule, read_metrics, train, truncate_metrics
+from llmctl.core.train_loop import Schedule, read_metrics, train
 
 # Settings that do not change the trajectory: a resumed run may differ in these (micro_batch is
 # per rank: micro-batch x ranks must stay, checked separately).
@@ -431,21 +431,10 @@ def _train_pairs(
             "trainer_state": {"step": done, "config": conf, "world_size": rt.world_size},
         }
 
-    with writer(
-        dst,
-        rt,
-        stage.name,
-        config=conf,
-        inputs=inputs,
-        force=force,
-        keep_partial_on_error=True,
-        fresh=not resume,
+    with run_output(
+        dst, rt, stage.name, config=conf, inputs=inputs, force=force, resume=resume, start=start
     ) as out:
         metrics = out.path / "metrics.jsonl"
-        if rt.is_main:
-            (out.path / "checkpoints").mkdir(exist_ok=True)
-            if resume:
-                truncate_metrics(metrics, start)
         val_ref = data.val_ref
         init_val = (
             pair_metrics(*score_pairs(stage, data.val, val_ref, cfg.micro_batch, rt), "val_")

@@ -67,7 +67,7 @@ from llmctl.core.data_parallel import (
     on_ranks,
     plan_ranks,
     rank_share,
-    writer,
+    run_output,
 )
 from llmctl.core.errors import ConfigError, InputError
 from llmctl.core.optim import make_adamw
@@ -81,7 +81,7 @@ from llmctl.core.parallel import (
 from llmctl.core.plots import plot_metrics
 from llmctl.core.progress import SILENT, Progress
 from llmctl.core.runtime import Runtime
-from llmctl.core.train_loop import Schedule, read_metrics, train, truncate_metrics
+from llmctl.core.train_loop import Schedule, read_metrics, train
 
 # Settings a resumed run must share with the run it resumes.
 TRAJECTORY = (
@@ -289,21 +289,10 @@ def _run(
     opt = make_adamw(model, cfg.lr, cfg.weight_decay, (0.9, 0.95))
     if resumed_from is not None:  # also restores the RNG state
         load_optimizer_state(model, opt, read_optimizer_state(resumed_from))
-    with writer(
-        dst,
-        rt,
-        "sft",
-        config=to_dict(cfg),
-        inputs=inputs,
-        force=force,
-        keep_partial_on_error=True,
-        fresh=not resume,
+    with run_output(
+        dst, rt, "sft", config=to_dict(cfg), inputs=inputs, force=force, resume=resume, start=start
     ) as out:
         metrics = out.path / "metrics.jsonl"
-        if rt.is_main:
-            (out.path / "checkpoints").mkdir(exist_ok=True)
-            if resume:
-                truncate_metrics(metrics, start)
         schedule = Schedule(
             total_steps=plan.steps,
             grad_accum=accum,
