@@ -4,8 +4,18 @@ The HTTP handlers (serve.py) run on the asyncio event loop and never touch the m
 they want sampled becomes a `Row` (prompt ids, token budget, stop strings, sampling settings) in a
 shared queue; the worker thread takes rows off it in batches and decodes each batch with the
 ragged-batch KV-cache generator (core/sampling.stream), pushing text pieces and the finish reason of
-every row back to the loop with `call_soon_threadsafe`. So the loop stays responsive while the model
-runs, and requests that arrive together are decoded together.
+every row back to the loop. So the loop stays responsive while the model runs, and requests that
+arrive together are decoded together.
+
+Per-token costs, kept small because at batch 1 they add straight to the decode step (on a small CPU
+the loop thread, the worker and torch's threads share the cores and the GIL):
+- detokenisation is incremental (`TextTail`): each token decodes a window of a few ids, not the
+  whole reply again (which made a reply of n tokens cost O(n^2));
+- the events of one decode step, for every row of the batch, reach the loop in one
+  `call_soon_threadsafe` (one wake-up of the loop per step, not one per row and event);
+- text is posted at most every `stream_interval_ms` (the first pieces of a batch, every finish
+  and every error at once), so at the default 20 ms a chunk carries a few tokens rather than one;
+- the idle worker gathers a batch by waiting on a condition with a timeout, not by sleeping.
 
 Batching policy (static batches, not continuous batching): when the worker is idle and a row
 arrives, it waits until no new row has arrived for `batch_wait_ms` (at most 5 x that in all, or
@@ -24,7 +34,7 @@ import contextlib
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -47,9 +57,18 @@ class Sampling:
     top_p: float
 
 
+@dataclass(frozen=True, eq=False)
+class Outbox:
+    """Where a request's events go: an asyncio queue on the loop that serves the request. Rows
+    put (index, kind, payload) items into it; the worker delivers them in bulk (`post`)."""
+
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+
+
 @dataclass(eq=False)
 class Row:
-    """One choice to sample; `emit(kind, payload)` runs on the event loop.
+    """One choice to sample, answered through `outbox` as (index, kind, payload) items.
 
     Events: ("text", str) for each new piece, then ("done", (finish_reason, completion_tokens)) or
     ("error", message).
@@ -59,12 +78,70 @@ class Row:
     max_tokens: int
     sampling: Sampling
     stops: tuple[str, ...]
-    emit: Callable[[str, Any], None]
+    outbox: Outbox
+    index: int = 0  # the choice index within its request
     cancelled: bool = False
     # worker-side state
     ids: list[int] = field(default_factory=list)
     text: str = ""  # decoded so far (whole characters only)
     sent: int = 0  # characters of `text` already emitted
+    tail: TextTail | None = None  # incremental decoder of `ids` (set by the worker)
+
+
+def post(events: Sequence[tuple[Row, str, Any]]) -> None:
+    """Deliver (row, kind, payload) events to their queues: one `call_soon_threadsafe` per event
+    loop (each call wakes the loop through a socket write, which costs more than the rest)."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, tuple]]] = {}
+    for r, kind, payload in events:
+        by_loop.setdefault(r.outbox.loop, []).append((r.outbox.queue, (r.index, kind, payload)))
+    for loop, items in by_loop.items():
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is listening
+            loop.call_soon_threadsafe(_deliver, items)
+
+
+def _deliver(items: list[tuple[asyncio.Queue, tuple]]) -> None:
+    for queue, item in items:
+        queue.put_nowait(item)
+
+
+class TextTail:
+    """Incremental detokenisation: the text that each new id adds, whole characters only.
+
+    Decoding the whole reply again at every token is exact but O(n) per token. Here each step
+    decodes a window that starts at the previous piece: the window text minus the previous
+    piece's own text is what the new ids add. Starting the window at an earlier id (rather than at
+    the new one) keeps what SentencePiece does to a leading piece (a stripped dummy-prefix space)
+    out of the new text; a window is never started at ids that decode to nothing (control tokens),
+    so the piece whose space may be stripped is the same in both decodes. An id that leaves an
+    incomplete UTF-8 character (byte fallback) adds nothing until the character is whole.
+    """
+
+    def __init__(self, tok: Tokenizer) -> None:
+        self.tok = tok
+        self.ids: list[int] = []
+        self.head = 0  # the window starts here
+        self.done = 0  # ids[:done] have been turned into text
+        self.prefix = ""  # decode(ids[head:done])
+
+    def push(self, t: int) -> str | None:
+        """Add an id; the new text, or None while a multi-byte character is incomplete."""
+        self.ids.append(t)
+        window = self.tok.decode(self.ids[self.head :])
+        if window.endswith("\ufffd"):
+            return None
+        if not window.startswith(self.prefix):  # not seen with SentencePiece; stay exact anyway
+            whole = self.tok.decode(self.ids)
+            old = self.tok.decode(self.ids[: self.done])
+            new = whole[len(old) :]
+        else:
+            new = window[len(self.prefix) :]
+        piece = self.tok.decode(self.ids[self.done :]) if new else ""
+        if piece:  # start the next window at this piece
+            self.head, self.prefix = self.done, piece
+        else:
+            self.prefix = window
+        self.done = len(self.ids)
+        return new
 
 
 class StopScan:
@@ -101,6 +178,7 @@ class Engine:
         *,
         max_batch: int = 8,
         batch_wait_ms: float = 10.0,
+        stream_interval_ms: float = 20.0,
         seed: int = 0,
     ) -> None:
         self.model, self.tok = model, tokenizer
@@ -111,7 +189,11 @@ class Engine:
         self._pending: deque[Row] = deque()
         self._cv = threading.Condition()
         self._closed = False
+        self._arrivals = 0  # rows submitted so far (the batch gatherer waits for this to settle)
         self._current: list[Row] = []  # the batch being decoded
+        self._events: list[tuple[Row, str, Any]] = []  # this step's events, posted together
+        self.stream_interval = stream_interval_ms / 1000
+        self._next_post = 0.0  # text events wait until then (finishes and errors never wait)
         self.running = 0  # rows in the batch being decoded
         self.batches = 0  # batches decoded so far
         self._thread = threading.Thread(target=self._work, name="llmctl-serve-engine", daemon=True)
@@ -136,6 +218,7 @@ class Engine:
         """Queue a row (thread-safe)."""
         with self._cv:
             self._pending.append(row)
+            self._arrivals += 1
             self._cv.notify()
 
     def close(self, timeout: float = 10.0) -> None:
@@ -162,9 +245,10 @@ class Engine:
             try:
                 self._decode(batch)
             except Exception as e:  # noqa: BLE001 - a failed batch must not kill the server
-                for r in batch:
-                    r.emit("error", f"generation failed: {type(e).__name__}: {e}")
+                message = f"generation failed: {type(e).__name__}: {e}"
+                self._events += [(r, "error", message) for r in batch]
             finally:
+                self._flush()
                 self._current, self.running = [], 0
                 self.batches += 1
 
@@ -174,17 +258,22 @@ class Engine:
                 self._cv.wait()
             if self._closed:
                 return None
-        # Let requests that arrive together join this batch: wait until no new row has come for
-        # `batch_wait` (at most MAX_WAIT_FACTOR times that in all, or until the batch is full).
-        deadline = time.monotonic() + MAX_WAIT_FACTOR * self.batch_wait
-        seen = -1
-        while True:
-            with self._cv:
-                n = len(self._pending)
-                if n == seen or n >= self.max_batch or time.monotonic() >= deadline:
-                    return self._take()
-            seen = n
-            time.sleep(self.batch_wait)
+            # Let requests that arrive together join this batch: wait until no new row has come
+            # for `batch_wait` (at most MAX_WAIT_FACTOR times that in all, or until the batch is
+            # full). A submit wakes the wait, so a full batch starts at once.
+            deadline = time.monotonic() + MAX_WAIT_FACTOR * self.batch_wait
+            seen = self._arrivals
+            quiet_until = time.monotonic() + self.batch_wait
+            while len(self._pending) < self.max_batch and not self._closed:
+                now = time.monotonic()
+                if now >= min(quiet_until, deadline):
+                    break
+                self._cv.wait(min(quiet_until, deadline) - now)
+                if self._arrivals != seen:
+                    seen, quiet_until = self._arrivals, time.monotonic() + self.batch_wait
+            if self._closed:
+                return None
+            return self._take()
 
     def _take(self) -> list[Row]:
         """Up to max_batch live rows sharing the first one's sampling and fitting the context."""
@@ -215,6 +304,9 @@ class Engine:
             top_p=s.top_p,
         )
         scans = [StopScan(r.stops) for r in batch]
+        for r in batch:
+            r.tail = TextTail(self.tok)
+        self._next_post = 0.0  # the first pieces go out at once
         live = [True] * len(batch)
         steps = stream(
             self.model,
@@ -229,6 +321,7 @@ class Engine:
                 for i, (r, t) in enumerate(zip(batch, step, strict=True)):
                     if live[i]:
                         live[i] = self._advance(r, t, scans[i])
+                self._flush(force=False)
                 if not any(live):
                     break
         finally:
@@ -236,6 +329,20 @@ class Engine:
         for i, r in enumerate(batch):
             if live[i]:  # the context filled up before the row's budget
                 self._finish(r, "length", scans[i])
+
+    def _emit(self, r: Row, kind: str, payload: Any) -> None:
+        self._events.append((r, kind, payload))
+
+    def _flush(self, *, force: bool = True) -> None:
+        """Post the gathered events; unless forced, text alone waits for the stream interval."""
+        if not self._events:
+            return
+        now = time.monotonic()
+        if not force and now < self._next_post and all(k == "text" for _, k, _ in self._events):
+            return
+        self._next_post = now + self.stream_interval
+        events, self._events = self._events, []
+        post(events)
 
     def _advance(self, r: Row, t: int | None, scan: StopScan) -> bool:
         """Feed one sampled token to a row; False once the row is finished."""
@@ -245,15 +352,15 @@ class Engine:
             self._finish(r, "stop", scan, counted=t is not None)
             return False
         r.ids.append(t)
-        text = self.tok.decode(r.ids)
-        if not text.endswith("\ufffd"):  # hold back a multi-byte character until it is whole
-            r.text = text
+        new = r.tail.push(t) if r.tail is not None else None
+        if new is not None:  # None: a multi-byte character is held back until it is whole
+            r.text = text = r.text + new
             safe, hit = scan.scan(text, r.sent)
             if safe > r.sent:
-                r.emit("text", text[r.sent : safe])
+                self._emit(r, "text", text[r.sent : safe])
                 r.sent = safe
             if hit:
-                r.emit("done", ("stop", len(r.ids)))
+                self._emit(r, "done", ("stop", len(r.ids)))
                 return False
         if len(r.ids) >= r.max_tokens:
             self._finish(r, "length", scan)
@@ -265,18 +372,6 @@ class Engine:
     ) -> None:
         """Flush the held-back tail (it did not complete a stop string) and report the end."""
         if len(r.text) > r.sent:
-            r.emit("text", r.text[r.sent :])
+            self._emit(r, "text", r.text[r.sent :])
             r.sent = len(r.text)
-        r.emit("done", (reason, len(r.ids) + int(counted)))
-
-
-def loop_emitter(
-    loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, index: int
-) -> Callable[[str, Any], None]:
-    """An `emit` for Row that puts (index, kind, payload) into `queue` on `loop` (thread-safe)."""
-
-    def emit(kind: str, payload: Any) -> None:
-        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is listening
-            loop.call_soon_threadsafe(queue.put_nowait, (index, kind, payload))
-
-    return emit
+        self._emit(r, "done", (reason, len(r.ids) + int(counted)))

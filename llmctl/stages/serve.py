@@ -47,7 +47,7 @@ from llmctl.core.config import require
 from llmctl.core.model import Transformer
 from llmctl.core.runtime import Runtime
 from llmctl.core.tokenizer import Tokenizer
-from llmctl.stages._serve_engine import Engine, Row, loop_emitter
+from llmctl.stages._serve_engine import Engine, Outbox, Row
 from llmctl.stages._serve_requests import ApiError, Plan, plan_request
 
 
@@ -63,6 +63,10 @@ class ServeConfig:
     )
     max_batch: int = 8  # rows (choices) decoded together at most
     batch_wait_ms: float = 10.0  # how long an idle worker waits for more requests to batch
+    # A streamed reply's text goes out at most this often (its first piece and its end at once);
+    # 0 = one chunk per token. Each chunk costs a wake-up of the server loop and a socket write,
+    # which on a small CPU slow the decode steps they interleave with.
+    stream_interval_ms: float = 20.0
     max_n: int = 8  # largest `n` (choices per request) accepted
     max_tokens: int = 256  # reply budget when a request gives no max_tokens (capped by the context)
     temperature: float = 0.8  # default when a request gives none
@@ -76,6 +80,10 @@ class ServeConfig:
         require(1 <= self.port <= 65535, f"--port must be in 1..65535, got {self.port}")
         require(self.max_batch >= 1, f"--max-batch must be >= 1, got {self.max_batch}")
         require(self.batch_wait_ms >= 0, f"--batch-wait-ms must be >= 0, got {self.batch_wait_ms}")
+        require(
+            self.stream_interval_ms >= 0,
+            f"stream_interval_ms must be >= 0, got {self.stream_interval_ms}",
+        )
         require(self.max_n >= 1, f"--max-n must be >= 1, got {self.max_n}")
         require(self.max_tokens >= 1, f"--max-tokens must be >= 1, got {self.max_tokens}")
         require(self.api_key is None or self.api_key != "", "--api-key must not be empty")
@@ -95,12 +103,12 @@ class Answer:
     def __init__(self, engine: Engine, plan: Plan) -> None:
         self.plan = plan
         self.queue: asyncio.Queue = asyncio.Queue()
-        loop = asyncio.get_running_loop()
+        outbox = Outbox(asyncio.get_running_loop(), self.queue)
         self.rows: list[Row] = []
         for p, budget in zip(plan.prompts, plan.max_tokens, strict=True):
             for _ in range(plan.n):
-                emit = loop_emitter(loop, self.queue, len(self.rows))
-                self.rows.append(Row(p, budget, plan.sampling, plan.stops, emit))
+                row = Row(p, budget, plan.sampling, plan.stops, outbox, index=len(self.rows))
+                self.rows.append(row)
         self.prompt_tokens = sum(len(p) for p in plan.prompts) * plan.n
         self.completion_tokens = 0
         for r in self.rows:
@@ -273,15 +281,13 @@ class Server:
     async def _sse(self, answer: Answer, head: dict[str, Any]) -> AsyncIterator[str]:
         kind = answer.plan.kind
         obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+        # Every chunk starts with the same fields: serialise them once, not once per token. The
+        # result is what json.dumps({**head, "object": obj, "choices": ..., **extra}) gives.
+        start = "data: " + json.dumps({**head, "object": obj}, ensure_ascii=False)[:-1]
 
         def chunk(choices: list[dict], **extra: Any) -> str:
-            return (
-                "data: "
-                + json.dumps(
-                    {**head, "object": obj, "choices": choices, **extra}, ensure_ascii=False
-                )
-                + "\n\n"
-            )
+            rest = json.dumps({"choices": choices, **extra}, ensure_ascii=False)[1:]
+            return f"{start}, {rest}\n\n"
 
         try:
             if kind == "chat":
@@ -346,7 +352,12 @@ def create_app(
         model_id: The model name clients use.
     """
     engine = Engine(
-        model, tokenizer, max_batch=cfg.max_batch, batch_wait_ms=cfg.batch_wait_ms, seed=cfg.seed
+        model,
+        tokenizer,
+        max_batch=cfg.max_batch,
+        batch_wait_ms=cfg.batch_wait_ms,
+        stream_interval_ms=cfg.stream_interval_ms,
+        seed=cfg.seed,
     )
     srv = Server(engine, cfg.model_name or model_id, cfg)
 

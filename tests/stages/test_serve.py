@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import shutil
 import socket
@@ -31,7 +32,7 @@ from typer.testing import CliRunner
 from llmctl.cli import app as cli_app
 from llmctl.core.checkpoint import Checkpoint, load_checkpoint
 from llmctl.core.sampling import SamplingConfig, generate
-from llmctl.stages._serve_engine import StopScan
+from llmctl.stages._serve_engine import StopScan, TextTail
 from llmctl.stages.serve import ServeConfig, create_app
 
 MODEL = "tiny"
@@ -171,6 +172,31 @@ def test_completions_streaming_and_not(server: Running, loaded: Checkpoint) -> N
     assert parts[-1].choices[0].finish_reason in ("stop", "length")
 
 
+@pytest.mark.parametrize("interval_ms", [0.0, 60_000.0])
+def test_stream_interval_changes_the_chunks_not_the_text(
+    loaded: Checkpoint, interval_ms: float
+) -> None:
+    """0 ms: one chunk per token. A long interval: the first piece at once, the rest with the end."""
+    s = Running(loaded, ServeConfig(max_tokens=12, stream_interval_ms=interval_ms))
+    try:
+        prompt = "def main():"
+        want, n = expected(loaded, loaded.tokenizer.encode(prompt, bos=True), 12)
+        parts = list(
+            s.client().completions.create(
+                model=MODEL, prompt=prompt, max_tokens=12, temperature=0, stream=True
+            )
+        )
+    finally:
+        s.stop()
+    texts = [p.choices[0].text for p in parts if p.choices[0].text]
+    assert "".join(texts) == want
+    assert len(want) > 4  # several tokens of text, so the chunk counts below mean something
+    if interval_ms:
+        assert len(texts) == 2
+    else:
+        assert len(texts) > 2
+
+
 def test_length_and_n_choices(server: Running) -> None:
     r = server.client().completions.create(
         model=MODEL, prompt=["a", "bb"], n=2, max_tokens=3, temperature=1.0
@@ -206,6 +232,64 @@ def test_stop_scan_holds_back_a_possible_stop() -> None:
     assert s.scan("abc END more", 4) == (4, True)
     assert s.scan("ax", 0) == (1, False)
     assert StopScan([]).scan("anything", 0) == (8, False)
+
+
+def _random_ids(sp: Any, rng: random.Random, n: int) -> list[int]:
+    """Ids a model might sample: ordinary pieces (often one that starts with a space, the piece a
+    dummy prefix strips), control tokens, and byte-fallback tokens, both whole multi-byte
+    characters and stray bytes."""
+    control = [i for i in range(sp.get_piece_size()) if sp.is_control(i)]
+    spaced = [i for i in range(sp.get_piece_size()) if sp.id_to_piece(i).startswith("\u2581")]
+    byte_id = {sp.id_to_piece(i): i for i in range(sp.get_piece_size()) if sp.is_byte(i)}
+    ids: list[int] = []
+    while len(ids) < n:
+        roll = rng.random()
+        if roll < 0.1:
+            ids.append(rng.choice(control))
+        elif roll > 0.75:
+            ids.append(rng.choice(spaced))
+        elif roll < 0.25:
+            ch = rng.choice("é漢😀") if roll < 0.2 else "\x80"  # "\x80": a lone byte 0xC2
+            ids += [byte_id[f"<0x{b:02X}>"] for b in ch.encode()[: 1 if ch == "\x80" else None]]
+        else:
+            ids.append(rng.randrange(sp.get_piece_size()))
+    return ids
+
+
+def _dummy_prefix_sp(tmp_path: Path) -> Any:
+    """A SentencePiece model that strips a leading space when decoding (add_dummy_prefix), as
+    imported Llama tokenizers do (llmctl's own do not)."""
+    import sentencepiece as spm
+
+    lines = [f"def f_{i}(x):\n    return x * {i}  # é 漢 tuple list" for i in range(300)]
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines),
+        model_prefix=str(tmp_path / "sp"),
+        vocab_size=400,
+        byte_fallback=True,
+        add_dummy_prefix=True,
+        control_symbols=["<|user|>", "<|end|>"],
+        minloglevel=2,
+    )
+    return spm.SentencePieceProcessor(model_file=str(tmp_path / "sp.model"))
+
+
+def test_text_tail_gives_the_text_of_a_whole_decode(loaded: Checkpoint, tmp_path: Path) -> None:
+    """Incremental decoding emits exactly what decoding all ids again at every token would: the
+    text is the whole decode whenever that does not end in a partial character."""
+    other = _dummy_prefix_sp(tmp_path)
+    for tok, sp in ((loaded.tokenizer, loaded.tokenizer.sp), (other, other)):
+        rng = random.Random(0)
+        for _ in range(40):
+            ids = _random_ids(sp, rng, 40)
+            tail, text = TextTail(tok), ""
+            for k, t in enumerate(ids):
+                new = tail.push(t)
+                whole = tok.decode(ids[: k + 1])
+                assert (new is None) == whole.endswith("\ufffd")
+                if new is not None:
+                    text += new
+                    assert text == whole
 
 
 def test_eight_concurrent_requests_are_batched(server: Running, loaded: Checkpoint) -> None:
