@@ -6,6 +6,7 @@ group they did not create alone):
 
     OUT/sft-ddp     sft, DDP, through the CLI
     OUT/sft-fsdp    sft, FSDP; OUT/sft-resume resumes from its step-2 checkpoint
+    OUT/lora-ddp    sft with LoRA adapters, DDP
     OUT/rm-fsdp     rm, FSDP (the blocks, then the reward model with its head as the root)
     OUT/dpo-fsdp    dpo, FSDP
     OUT/dpo-ddp     dpo, DDP, through the CLI
@@ -51,6 +52,7 @@ def main(out: Path, cfgs: dict[str, dict]) -> None:
     sft.run(out / "sft-fsdp", fsdp)
     resume_from(out / "sft-fsdp", 2, out / "sft-resume")
     sft.run(out / "sft-resume", fsdp, resume=True)
+    sft.run(out / "lora-ddp", sft.SFTConfig(**cfgs["sft"], lora_rank=4, parallel="ddp"))
     rm.run(out / "rm-fsdp", rm.RMConfig(**cfgs["rm"], parallel="fsdp"))
     dpo.run(out / "dpo-fsdp", dpo.DPOConfig(**cfgs["dpo"], parallel="fsdp"))
     cli("dpo", out / "dpo-ddp", cfgs["dpo"], "ddp")

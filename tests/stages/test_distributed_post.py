@@ -75,7 +75,7 @@ class Runs:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory, tokens_dir: Path) -> Runs:
-    """OUT/{sft,rm,dpo}-ref (one process, 4 rows or pairs per micro-step) and, from one torchrun
+    """OUT/{sft,lora,rm,dpo}-ref (one process, 4 rows or pairs per micro-step) and, from one torchrun
     launch with 2 on each of 2 ranks, the runs listed in _dist_post_worker.py."""
     out = tmp_path_factory.mktemp("dist-post")
     base = str(base_checkpoint(out / "base", tokens_dir))
@@ -98,6 +98,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory, tokens_dir: Path) -> Runs:
     try:  # the references train while the launch runs
         one = {"micro_batch": 4}
         sft.run(out / "sft-ref", sft.SFTConfig(**{**cfgs["sft"], **one}))
+        sft.run(out / "lora-ref", sft.SFTConfig(**{**cfgs["sft"], **one, "lora_rank": 4}))
         rm.run(out / "rm-ref", rm.RMConfig(**{**cfgs["rm"], **one}))
         dpo.run(out / "dpo-ref", dpo.DPOConfig(**{**cfgs["dpo"], **one}))
         report, _ = launch.communicate(timeout=300)
@@ -124,8 +125,10 @@ def assert_same_trace(ref: Path, par: Path, steps: list[int]) -> None:
                 assert abs(a[s][k] - b[s][k]) < 1e-4, (s, k, a[s], b[s])
 
 
-@pytest.mark.slow  # one torchrun launch: sft DDP and FSDP, rm FSDP, dpo FSDP and DDP, a resume
-@pytest.mark.parametrize("run", ["sft-ddp", "sft-fsdp", "rm-fsdp", "dpo-fsdp", "dpo-ddp"])
+@pytest.mark.slow  # one torchrun launch: sft DDP, FSDP and LoRA, rm FSDP, dpo FSDP and DDP, a resume
+@pytest.mark.parametrize(
+    "run", ["sft-ddp", "sft-fsdp", "lora-ddp", "rm-fsdp", "dpo-fsdp", "dpo-ddp"]
+)
 def test_two_ranks_match_one_process(runs: Runs, run: str) -> None:
     ref = runs / f"{run.split('-')[0]}-ref"
     assert_same_trace(ref, runs / run, [1, 2, 3, 4])
@@ -135,10 +138,11 @@ def test_two_ranks_match_one_process(runs: Runs, run: str) -> None:
         a, b = load_checkpoint(ref).model, load_checkpoint(runs / run).model
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys()
-    # The pairwise loss does not depend on the reward head's bias: its gradient is rounding noise,
-    # which AdamW scales up to full-size steps, so the bias differs between any two summation orders.
+    # AdamW at lr 1e-2 turns summation-order noise in a gradient into up to ~1e-4 in a weight. The
+    # pairwise loss does not depend on the reward head's bias at all: its gradient is rounding
+    # noise, which AdamW scales up to full-size steps, so the bias differs between any two runs.
     same = [k for k in sa if k != "head.proj.bias"]
-    assert all(torch.allclose(sa[k], sb[k], atol=1e-4) for k in same), run
+    assert all(torch.allclose(sa[k], sb[k], atol=3e-4) for k in same), run
     assert json.loads((runs / run / "trainer_state.json").read_text())["world_size"] == 2
 
 
