@@ -973,6 +973,17 @@ def pretrain(
             help="Recompute each block's activations in backward: less memory, ~1/3 more compute.",
         ),
     ] = None,
+    pp: Annotated[
+        int | None,
+        typer.Option(help="Pipeline-parallel stages (torchrun with one process per stage)."),
+    ] = None,
+    pp_chunks: Annotated[
+        int | None,
+        typer.Option(help="--pp: chunks each micro-batch is cut into (default: one row each)."),
+    ] = None,
+    pp_schedule: Annotated[
+        str | None, typer.Option(help="--pp: the pipeline schedule, 1f1b or gpipe.")
+    ] = None,
     config: ConfigOpt = None,
     force: ForceOpt = False,
 ) -> None:
@@ -982,7 +993,7 @@ def pretrain(
     Checkpoints go to OUTPUT.partial/checkpoints/ while training; at the end the final checkpoint,
     metrics.jsonl and loss.png land in OUTPUT. Interrupted or crashed? Re-run with --resume.
     Several processes: torchrun --nproc_per_node N -m llmctl pretrain ... --parallel ddp|fsdp
-    [--tp T].
+    [--tp T], or --pp N (pipeline stages).
     """
     from llmctl.core.distributed import is_main_process
     from llmctl.stages import pretrain as stage
@@ -1023,6 +1034,9 @@ def pretrain(
         parallel=parallel,
         tp=tp,
         activation_checkpointing=activation_checkpointing,
+        pp=pp,
+        pp_chunks=pp_chunks,
+        pp_schedule=pp_schedule,
         sharded_checkpoints=sharded_checkpoints,
     )
     if dry_run:

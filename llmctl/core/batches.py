@@ -57,6 +57,8 @@ class WindowSampler:
         The global micro-batch is rows `micro x n_rows x world` onwards of step `step`'s sequence
         (`n_rows x world` of them); rank r takes every world-th, starting at r.
         """
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} of {world}")
         total = n_rows * world
         lo, hi = micro * total, (micro + 1) * total
         # Two streams, each a prefix of the same draws for any (micro, n_rows, world): numpy's

@@ -88,6 +88,8 @@ def train(
     evaluate: Callable[[], dict[str, float]] | None = None,
     metrics_path: Path | None = None,
     progress: Progress = SILENT,
+    forward_backward: Callable[[Any, bool], torch.Tensor] | None = None,
+    clip: Callable[[list[torch.Tensor], float], float] = clip_grad_norm,
 ) -> LoopResult:
     """Run optimizer steps `start_step .. total_steps-1`.
 
@@ -103,6 +105,10 @@ def train(
         evaluate: Returns validation metrics (e.g. {"val_loss": ...}); runs after the save.
         metrics_path: metrics.jsonl to append to.
         progress: Progress reporter.
+        forward_backward: (micro-batch, last micro-batch of the step) -> the detached loss
+            divided by grad_accum, gradients accumulated: replaces loss_fn + backward (pipeline
+            parallelism runs both through its schedule).
+        clip: (parameters, max norm) -> the global gradient norm, gradients clipped.
 
     Returns:
         The final step, losses and throughput.
@@ -136,13 +142,18 @@ def train(
             loss_sum = torch.zeros((), device=runtime.device)
             for micro in range(schedule.grad_accum):
                 mb = batch(step, micro)
-                with grad_sync(model, micro == schedule.grad_accum - 1):
+                last_micro = micro == schedule.grad_accum - 1
+                if forward_backward is not None:
+                    with runtime.autocast():
+                        loss_sum += forward_backward(mb, last_micro)
+                    continue
+                with grad_sync(model, last_micro):
                     with runtime.autocast():
                         loss = loss_fn(model, mb) / schedule.grad_accum
                     loss.backward()
                 loss_sum += loss.detach()
-            clip = schedule.grad_clip if schedule.grad_clip > 0 else float("inf")
-            norm = clip_grad_norm(params, clip)  # global over shards (FSDP, TP)
+            max_norm = schedule.grad_clip if schedule.grad_clip > 0 else float("inf")
+            norm = clip(params, max_norm)  # global over shards (FSDP, TP) and stages (PP)
             last_loss = float(mean_over_ranks(loss_sum))
             if not (math.isfinite(last_loss) and math.isfinite(norm)):
                 where = f"; the last good checkpoint is {last_saved}" if last_saved else ""

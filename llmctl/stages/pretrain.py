@@ -63,6 +63,7 @@ from llmctl.core.model import (
 )
 from llmctl.core.optim import make_adamw
 from llmctl.core.parallel import (
+    clip_grad_norm,
     data_parallel,
     data_rank,
     full_model_state,
@@ -72,6 +73,7 @@ from llmctl.core.parallel import (
     save_sharded,
     wrap,
 )
+from llmctl.core.pipeline import Pipeline
 from llmctl.core.plots import plot_metrics
 from llmctl.core.progress import SILENT, Progress
 from llmctl.core.runtime import Runtime
@@ -148,6 +150,9 @@ class PretrainConfig:
     )
     tp: int = 1  # tensor-parallel degree: each block split over groups of tp ranks (torchrun)
     activation_checkpointing: bool = False  # recompute block activations in backward (less memory)
+    pp: int = 1  # pipeline-parallel stages (torchrun, one rank per stage)
+    pp_chunks: int = 0  # pipeline chunks per micro-batch (0 = one row each)
+    pp_schedule: Literal["gpipe", "1f1b"] = "1f1b"  # pipeline schedule
     sharded_checkpoints: bool = False  # intermediate checkpoints: per-rank DCP shards, no gather
     seed: int = 0  # initialisation and data order
 
@@ -182,6 +187,27 @@ class PretrainConfig:
             self.tp == 1 or self.parallel != "ddp",
             "--tp with --parallel ddp is not offered: use --parallel fsdp (FSDP across TP groups)",
         )
+        require(self.pp >= 1, f"--pp must be >= 1, got {self.pp}")
+        require(self.pp_schedule in ("gpipe", "1f1b"), "--pp-schedule must be gpipe or 1f1b")
+        if self.pp > 1:
+            require(
+                self.tp == 1 and self.parallel == "none",
+                "--pp combines with neither --tp nor --parallel ddp|fsdp in this release: "
+                "every rank is one pipeline stage",
+            )
+            require(
+                not (self.sharded_checkpoints or self.compile),
+                "--pp does not support --sharded-checkpoints or --compile",
+            )
+            require(
+                self.micro_batch != "auto",
+                "--pp needs a fixed --micro-batch (auto does not size pipeline stages)",
+            )
+            chunks = self.pp_chunks or self.micro_batch
+            require(
+                chunks >= 1 and self.micro_batch % chunks == 0,
+                f"--pp-chunks {chunks} must divide --micro-batch {self.micro_batch}",
+            )
         require(
             self.keep_checkpoints >= 1,
             f"--keep-checkpoints must be >= 1, got {self.keep_checkpoints}",
@@ -352,12 +378,17 @@ def run(
         TrainingError: the loss became non-finite (the last checkpoint stays in `<dst>.partial`).
     """
     rt = runtime or Runtime.detect(cfg.device, cfg.precision)
+    if cfg.pp > 1 and rt.world_size != cfg.pp:
+        raise ConfigError(
+            f"--pp {cfg.pp} needs {cfg.pp} processes (one per stage), got {rt.world_size}",
+            f"torchrun --nproc_per_node {cfg.pp} -m llmctl pretrain ... --pp {cfg.pp}",
+        )
     if rt.world_size % cfg.tp:
         raise ConfigError(
             f"--tp {cfg.tp} does not divide the {rt.world_size} process(es)",
             f"launch a multiple of {cfg.tp}: torchrun --nproc_per_node {cfg.tp} -m llmctl pretrain ...",
         )
-    if data_parallel(rt.world_size, cfg.tp) > 1 and cfg.parallel == "none":
+    if cfg.pp == 1 and data_parallel(rt.world_size, cfg.tp) > 1 and cfg.parallel == "none":
         raise ConfigError(
             f"{rt.world_size} processes but --parallel none: each would train its own copy",
             "pass --parallel ddp (replicated) or --parallel fsdp (sharded)",
@@ -371,7 +402,7 @@ def run(
 def _run(
     dst: Path, cfg: PretrainConfig, rt: Runtime, *, force: bool, resume: bool, progress: Progress
 ) -> Manifest:
-    dp = data_parallel(rt.world_size, cfg.tp)
+    dp = data_parallel(rt.world_size, cfg.tp * cfg.pp)  # pipeline stages share their rows
     mode = cfg.parallel if dp > 1 or cfg.tp > 1 else "none"
     if not rt.is_main:
         progress = SILENT
@@ -416,12 +447,33 @@ def _run(
             "each rank holds whole K/V heads: pick a --tp that divides both",
         )
     # TP splits the blocks over ranks and FSDP shards `model` in place; DDP returns a wrapper.
-    wrapped = wrap(model, mode, rt, tp=cfg.tp, checkpointing=cfg.activation_checkpointing)
-    opt = make_adamw(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
+    pipe = None
+    if cfg.pp > 1:
+        if mcfg.n_layers < cfg.pp:
+            raise ConfigError(f"--pp {cfg.pp} exceeds the model's {mcfg.n_layers} blocks")
+        pipe = Pipeline(
+            model,
+            pp=cfg.pp,
+            rank=rt.rank,
+            device=rt.device,
+            chunks=cfg.pp_chunks or cfg.micro_batch,
+            schedule=cfg.pp_schedule,
+            grad_accum=p["grad_accum"],
+            checkpointing=cfg.activation_checkpointing,
+        )
+        wrapped = pipe.stage  # this rank's blocks; the optimizer holds only their parameters
+    else:
+        wrapped = wrap(model, mode, rt, tp=cfg.tp, checkpointing=cfg.activation_checkpointing)
+    opt = make_adamw(
+        pipe.stage if pipe else model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2)
+    )
     if resumed_from is not None and (resumed_from / SHARDS).is_dir():
         load_sharded_optimizer(model, opt, resumed_from / SHARDS)
     elif resumed_from is not None:
-        load_optimizer_state(model, opt, read_optimizer_state(resumed_from))
+        if pipe:
+            pipe.load_optimizer_state(opt, read_optimizer_state(resumed_from))
+        else:
+            load_optimizer_state(model, opt, read_optimizer_state(resumed_from))
     writing = (
         commit_output(
             dst,
@@ -445,6 +497,8 @@ def _run(
         val_sets = [
             (name, w, val_windows(ds, cfg.seq_len, cfg.eval_rows)) for name, w, ds in data.val
         ]
+        if pipe:  # stages pass activations of one shape: whole micro-batches of windows only
+            val_sets = [(n, w, v[: len(v) - len(v) % cfg.micro_batch]) for n, w, v in val_sets]
         val_sets = [v for v in val_sets if len(v[2])]
         if not val_sets:
             progress.log(
@@ -466,7 +520,9 @@ def _run(
         micro_rows = cfg.micro_batch
 
         def batch(step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
-            x, y = data.sampler.rows(step, micro, micro_rows, data_rank(rt.rank, cfg.tp), dp)
+            x, y = data.sampler.rows(
+                step, micro, micro_rows, data_rank(rt.rank, cfg.tp * cfg.pp), dp
+            )
             return x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
 
         def save(done: int) -> Path:
@@ -479,7 +535,7 @@ def _run(
                 barrier()
                 save_sharded(model, opt, shards)
             else:  # collective under FSDP (all ranks gather); rank 0 alone writes
-                weights, opt_state = full_model_state(model), full_optimizer_state(model, opt)
+                weights, opt_state = gather_state()
             if not rt.is_main:
                 return path
             m = Manifest(
@@ -503,14 +559,22 @@ def _run(
                 shutil.rmtree(old, ignore_errors=True)
             return path
 
+        def gather_state() -> tuple[dict, dict]:
+            """Weights and optimizer state, whole (collective under FSDP, TP and PP)."""
+            if pipe:
+                return pipe.full_model_state(), pipe.full_optimizer_state(opt)
+            return full_model_state(model), full_optimizer_state(model, opt)
+
         def evaluate() -> dict[str, float]:
             res, total = {}, 0.0
             for name, w, windows in val_sets:
                 losses = []
                 for i in range(0, len(windows), micro_rows):
                     chunk = windows[i : i + micro_rows].to(rt.device)
+                    x, y = chunk[:, :-1], chunk[:, 1:]
                     # Fused head + loss (no full logits); mean x count = the chunk's summed loss.
-                    losses.append(model(chunk[:, :-1], targets=chunk[:, 1:]) * chunk[:, 1:].numel())
+                    loss = pipe.loss(x, y) if pipe else model(x, targets=y)
+                    losses.append(loss * y.numel())
                 loss = float(sum(losses)) / windows[:, 1:].numel()
                 res[f"val_loss/{Path(name).name}" if len(val_sets) > 1 else "val_loss"] = loss
                 total += w * loss
@@ -532,8 +596,10 @@ def _run(
             evaluate=evaluate if val_sets else None,
             metrics_path=metrics if rt.is_main else None,
             progress=progress,
+            forward_backward=pipe.forward_backward if pipe else None,
+            clip=pipe.clip_grad_norm if pipe else clip_grad_norm,
         )
-        weights, opt_state = full_model_state(model), full_optimizer_state(model, opt)
+        weights, opt_state = gather_state()
         if not rt.is_main:
             return out.manifest
         write_checkpoint_files(
@@ -586,7 +652,13 @@ def lm_loss(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) ->
 
 
 def _trainer_state(step: int, cfg: PretrainConfig, rt: Runtime) -> dict:
-    return {"step": step, "config": to_dict(cfg), "world_size": rt.world_size, "tp": cfg.tp}
+    return {
+        "step": step,
+        "config": to_dict(cfg),
+        "world_size": rt.world_size,
+        "tp": cfg.tp,
+        "pp": cfg.pp,
+    }
 
 
 def _resume(

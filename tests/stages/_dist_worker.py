@@ -10,6 +10,9 @@ create alone), in this order:
     OUT/tp_forward.json  logits of a tensor-parallel model against the unsharded one
     OUT/tp        tensor parallel over both ranks (--tp 2, no data parallelism)
     OUT/tpfsdp    TP + FSDP on the 1 x 2 (dp x tp) mesh, sharded checkpoints; OUT/resume2tp resumes
+    OUT/pp        pipeline parallel, 2 stages, 1F1B, 4 chunks a micro-batch (tied head)
+    OUT/ppgpipe   the same with GPipe, one row a chunk, untied head
+    OUT/resume2pp resumes OUT/ddp's step-3 checkpoint as a 2-stage pipeline
     OUT/fsdpbf16  FSDP with bf16 autocast: bf16 gathered weights, fp32 gradient reduction
     OUT/crash     FSDP, 8 steps, in which rank 1 dies during step 5: the launch fails last
 """
@@ -94,6 +97,21 @@ def tensor_parallel(out: Path, cfg: dict) -> None:
     pretrain.run(out / "resume2tp", tpfsdp, resume=True)
 
 
+def pipeline_parallel(out: Path, cfg: dict) -> None:
+    """Two pipeline stages: both read all 8 rows of a micro-step (no data parallelism)."""
+    pp = {**cfg, "micro_batch": cfg["micro_batch"] * 2, "pp": 2}
+    pretrain.run(out / "pp", pretrain.PretrainConfig(**{**pp, "pp_chunks": 4}))
+    gpipe = {**pp, "pp_schedule": "gpipe", "tie_embeddings": False}
+    pretrain.run(out / "ppgpipe", pretrain.PretrainConfig(**gpipe))
+    if dist.get_rank() == 0:
+        shutil.copytree(
+            out / "ddp" / "checkpoints" / "step-0000003",
+            pretrain.partial_path(out / "resume2pp") / "checkpoints" / "step-0000003",
+        )
+    dist.barrier()
+    pretrain.run(out / "resume2pp", pretrain.PretrainConfig(**pp), resume=True)
+
+
 def mixed_precision(out: Path, cfg: dict) -> None:
     """FSDP under bf16: a block computes with bf16 weights (gathered by the MixedPrecisionPolicy)
     while the sharded master weights and their gradients stay fp32."""
@@ -145,6 +163,7 @@ if __name__ == "__main__":
     dist.init_process_group("gloo")
     train(out, cfg)
     tensor_parallel(out, cfg)
+    pipeline_parallel(out, cfg)
     mixed_precision(out, cfg)
     crash(out, cfg)
     dist.destroy_process_group()

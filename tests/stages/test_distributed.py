@@ -59,6 +59,17 @@ def torchrun(cfg: pretrain.PretrainConfig, out: Path) -> subprocess.CompletedPro
     )
 
 
+def assert_same_run(ref_dir: Path, run_dir: Path, atol: float = 1e-5) -> None:
+    """The run's 5 losses are the reference's within 1e-4 and its final weights within `atol`."""
+    ref, par = losses(ref_dir), losses(run_dir)
+    assert sorted(par) == [1, 2, 3, 4, 5]
+    assert max(abs(par[s] - ref[s]) for s in ref) < 1e-4, (ref, par)
+    a = load_checkpoint(ref_dir).model.state_dict()
+    b = load_checkpoint(run_dir).model.state_dict()  # gathered into one file
+    assert a.keys() == b.keys()
+    assert all(torch.allclose(a[k], b[k], atol=atol) for k in a)
+
+
 def copy_checkpoint(run: Path, step: int, to: Path) -> None:
     """Put `run`'s checkpoint of `step` where `pretrain --resume -o to` looks for it."""
     name = f"step-{step:07d}"
@@ -90,13 +101,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory, tokens_dir: Path, tiny_pretra
 @pytest.mark.slow  # one torchrun launch: DDP, FSDP and a 2-rank resume
 @pytest.mark.parametrize("mode", ["ddp", "fsdp", "sharded"])
 def test_two_ranks_match_one_process(runs: Runs, mode: str) -> None:
-    ref, par = losses(runs / "ref"), losses(runs / mode)
-    assert sorted(par) == [1, 2, 3, 4, 5]
-    assert max(abs(par[s] - ref[s]) for s in ref) < 1e-4, (ref, par)
-    a = load_checkpoint(runs / "ref").model.state_dict()
-    b = load_checkpoint(runs / mode).model.state_dict()  # FSDP's weights gathered into one file
-    assert a.keys() == b.keys()
-    assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
+    assert_same_run(runs / "ref", runs / mode, atol=1e-4)
     assert json.loads((runs / mode / "trainer_state.json").read_text())["world_size"] == 2
 
 
@@ -162,13 +167,7 @@ def test_the_tensor_parallel_forward_equals_the_unsharded_model(runs: Runs) -> N
 def test_tensor_parallel_runs_match_one_process(runs: Runs, mode: str) -> None:
     """--tp 2 on 2 ranks (one data-parallel group: each reads all 8 rows), alone and under FSDP
     on the 1 x 2 mesh; the checkpoint comes out in the fused one-process layout."""
-    ref, par = losses(runs / "ref"), losses(runs / mode)
-    assert sorted(par) == [1, 2, 3, 4, 5]
-    assert max(abs(par[s] - ref[s]) for s in ref) < 1e-4, (ref, par)
-    a = load_checkpoint(runs / "ref").model.state_dict()
-    b = load_checkpoint(runs / mode).model.state_dict()
-    assert a.keys() == b.keys()
-    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    assert_same_run(runs / "ref", runs / mode)
     assert json.loads((runs / mode / "trainer_state.json").read_text())["tp"] == 2
 
 
@@ -197,6 +196,42 @@ def test_tensor_parallel_checkpoints_resume_on_two_ranks_and_in_one_process(
         pretrain.run(runs / "tp-resume1s", cfg, resume=True)
 
 
+def val_loss(run_dir: Path) -> float:
+    return [r for r in read_metrics(run_dir / "metrics.jsonl") if "val_loss" in r][-1]["val_loss"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("mode", "tied"), [("pp", True), ("ppgpipe", False)])
+def test_pipeline_parallel_runs_match_one_process(
+    runs: Runs, tokens_dir: Path, tiny_pretrain, mode: str, tied: bool
+) -> None:
+    """--pp 2: 1F1B with a tied head (its two copies kept equal), GPipe untied; training and
+    validation losses and the gathered checkpoint are those of one process."""
+    ref_dir = runs / "ref"
+    if not tied:
+        ref_dir = runs / "ref-untied"
+        if not ref_dir.exists():
+            cfg = tiny_pretrain(tokens_dir, **{**SETTINGS, "micro_batch": 8}, tie_embeddings=False)
+            pretrain.run(ref_dir, cfg)
+    assert_same_run(ref_dir, runs / mode)
+    assert abs(val_loss(runs / mode) - val_loss(ref_dir)) < 1e-4
+    assert json.loads((runs / mode / "trainer_state.json").read_text())["pp"] == 2
+
+
+@pytest.mark.slow
+def test_pipeline_checkpoints_move_between_one_process_and_two_stages(
+    runs: Runs, tokens_dir: Path, tiny_pretrain
+) -> None:
+    ref = losses(runs / "ref")
+    two = losses(runs / "resume2pp")  # DDP's one-file step 3, resumed as a pipeline
+    one = runs / "pp-resume1"
+    copy_checkpoint(runs / "pp", 3, one)  # the pipeline's step 3, resumed in one process
+    pretrain.run(one, tiny_pretrain(tokens_dir, **{**SETTINGS, "micro_batch": 8}), resume=True)
+    for s in (4, 5):
+        assert abs(two[s] - ref[s]) < 1e-4, (s, ref, two)
+        assert abs(losses(one)[s] - ref[s]) < 1e-4, (s, ref, losses(one))
+
+
 @pytest.mark.slow
 def test_fsdp_under_bf16_gathers_bf16_weights_and_reduces_in_fp32(runs: Runs) -> None:
     policy = json.loads((runs / "mp_policy.json").read_text())
@@ -215,9 +250,12 @@ def test_fsdp_under_bf16_gathers_bf16_weights_and_reduces_in_fp32(runs: Runs) ->
     [
         ({"tp": 2}, 1, "--tp 2 does not divide the 1 process"),
         ({"tp": 2}, 4, "4 processes but --parallel none"),
+        ({"pp": 2}, 4, "--pp 2 needs 2 processes"),
+        ({"pp": 2, "micro_batch": 6, "pp_chunks": 4}, 2, "--pp-chunks 4 must divide"),
+        ({"pp": 2, "parallel": "fsdp"}, 2, "--pp combines with neither"),
     ],
 )
-def test_tensor_parallel_layouts_that_cannot_work_are_refused(
+def test_parallel_layouts_that_cannot_work_are_refused(
     tokens_dir: Path, tiny_pretrain, over: dict, world: int, message: str
 ) -> None:
     rt = Runtime(torch.device("cpu"), "fp32", rank=0, world_size=world)

@@ -1,0 +1,245 @@
+"""Pipeline parallelism (`pretrain --pp P`) through `torch.distributed.pipelining`.
+
+The model is built whole on every rank from the same seed (so its initial weights do not depend on
+P), then each rank keeps one stage: consecutive blocks, an equal share each (the first stages take
+one more when P does not divide n_layers), the first stage also the token embedding, the last the
+final norm and the LM head. A micro-batch of `--micro-batch` rows goes through the pipeline as
+`--pp-chunks` chunks on a GPipe or 1F1B schedule (`--pp-schedule`); the loss is computed on the last
+stage with the fused LM head + cross entropy (`losses.linear_cross_entropy`, as without PP), each
+chunk's loss scaled by its share of the step (1 / (chunks x accumulation steps)), so a step's
+update is the single-process one.
+
+A tied LM head lives on the first stage (embedding) and on the last (head): the two copies get the
+sum of both gradients (one all-reduce between the two ranks per step, as Megatron's embedding group
+does) and take the same AdamW step, so they stay equal. The gradient norm is summed over stages,
+the tied weight counted once.
+
+State leaves the pipeline whole: `full_model_state` and `full_optimizer_state` gather every stage's
+part on rank 0 (one-file checkpoints in the single-process layout, so a PP run resumes with another
+P, or in one process); `load_optimizer_state` keeps each stage's own entries.
+
+Scope: every rank is one stage (world size = P: no data parallelism beside PP, no TP, no
+sharded checkpoints, no `--compile`); pretrain only. Stages exchange activations of a fixed shape,
+so validation runs whole micro-batches of windows.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from llmctl.core.losses import linear_cross_entropy
+from llmctl.core.model import Transformer
+
+PPSchedule = Literal["gpipe", "1f1b"]
+
+
+def stage_layers(n_layers: int, pp: int, stage: int) -> range:
+    """The blocks of `stage`: equal shares, the first `n_layers % pp` stages one more."""
+    base, extra = divmod(n_layers, pp)
+    start = stage * base + min(stage, extra)
+    return range(start, start + base + (1 if stage < extra else 0))
+
+
+class Stage(nn.Module):
+    """One pipeline stage of a `Transformer`: its blocks, plus the embedding (first stage) or the
+    final norm and LM head (last stage). Parameter names are the whole model's."""
+
+    def __init__(self, model: Transformer, index: int, pp: int) -> None:
+        super().__init__()
+        self.cfg, self.index, self.pp = model.cfg, index, pp
+        self.is_first, self.is_last = index == 0, index == pp - 1
+        self.embed = model.embed if self.is_first else None
+        self.layers = nn.ModuleDict(
+            {str(i): model.layers[i] for i in stage_layers(model.cfg.n_layers, pp, index)}
+        )
+        self.norm = model.norm if self.is_last else None
+        self.lm_head = model.lm_head if self.is_last else None
+        self.register_buffer("rope_cos", model.rope_cos, persistent=False)
+        self.register_buffer("rope_sin", model.rope_sin, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Token ids (first stage) or the residual stream in; the residual stream (or, on the last
+        stage, the final normed hidden states) out."""
+        if self.embed is not None:
+            x = self.embed(x)
+        T = x.shape[1]
+        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        for i, layer in self.layers.items():
+            x = layer(x, cos, sin, None, int(i), None)
+        return self.norm(x) if self.norm is not None else x
+
+    def tied_here(self) -> bool:
+        """Whether this stage holds a copy of a tied embedding/head (with another stage)."""
+        return self.cfg.tie_embeddings and self.pp > 1 and (self.is_first or self.is_last)
+
+
+class Pipeline:
+    """This rank's stage of `model`, the schedule that runs it and the collectives around them."""
+
+    def __init__(
+        self,
+        model: Transformer,
+        *,
+        pp: int,
+        rank: int,
+        device: torch.device,
+        chunks: int,
+        schedule: PPSchedule,
+        grad_accum: int,
+        checkpointing: bool = False,
+    ) -> None:
+        from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
+        from llmctl.core.parallel import checkpoint_activations
+
+        self.pp, self.rank = pp, rank
+        # The whole model's parameter order (the optimizer's, in one process) and group of each.
+        seen: set[int] = set()
+        self.order: list[str] = []
+        decay, no_decay = [], []
+        for n, p in model.named_parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                (decay if p.ndim >= 2 else no_decay).append(n)
+        self.order = decay + no_decay
+        self.group_sizes = [len(decay), len(no_decay)]
+        if checkpointing:
+            checkpoint_activations(model)
+        self.stage = Stage(model, rank, pp)
+        # Free what other stages hold (the model was built whole so its initialisation matches).
+        for i in range(model.cfg.n_layers):
+            if str(i) not in self.stage.layers:
+                model.layers[i] = nn.Identity()
+        # The embedding group: the first and last ranks (every rank must create it).
+        self.tied_group = (
+            dist.new_group([0, pp - 1]) if model.cfg.tie_embeddings and pp > 1 else None
+        )
+        self.grad_accum = grad_accum
+        self._pipe_stage = PipelineStage(self.stage, rank, pp, device)
+        cls = ScheduleGPipe if schedule == "gpipe" else Schedule1F1B
+        # Not the schedule's own scaling: it divides the whole .grad after every step, which would
+        # shrink again what earlier micro-batches of an accumulation had added.
+        self.chunks = chunks
+        self.schedule = cls(
+            self._pipe_stage, n_microbatches=chunks, loss_fn=self._loss, scale_grads=False
+        )
+
+    def _loss(self, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        assert self.stage.lm_head is not None
+        scale = self.grad_accum * self.chunks  # each chunk's share of the step's mean loss
+        return linear_cross_entropy(hidden, self.stage.lm_head.weight, target) / scale
+
+    def _run(self, train: bool, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """One pass of a micro-batch (with backward when `train`); its loss divided by grad_accum
+        (the sum of the scaled chunk losses), on every rank, broadcast from the last stage."""
+        losses: list[torch.Tensor] = []
+        run = self.schedule.step if train else self.schedule.eval
+        if self.stage.is_first:
+            run(x)
+        elif self.stage.is_last:
+            run(target=y, losses=losses)
+        else:
+            run()
+        loss = (
+            torch.stack([v.detach().float() for v in losses]).sum()
+            if losses
+            else torch.zeros((), device=x.device)
+        )
+        dist.broadcast(loss, src=self.pp - 1)
+        return loss
+
+    def forward_backward(
+        self, batch: tuple[torch.Tensor, torch.Tensor], sync: bool
+    ) -> torch.Tensor:
+        """Forward and backward of one micro-batch through the pipeline (for the training loop);
+        on the step's last micro-batch (`sync`) the tied copies exchange gradients."""
+        loss = self._run(True, *batch)
+        if sync and self.stage.tied_here():
+            w = self.stage.embed.weight if self.stage.is_first else self.stage.lm_head.weight
+            if w.grad is not None:
+                dist.all_reduce(w.grad, group=self.tied_group)
+        return loss
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The mean loss of a micro-batch, forward only (validation); every rank gets it."""
+        return self._run(False, x, y) * self.grad_accum
+
+    def clip_grad_norm(self, params: list[torch.Tensor], max_norm: float) -> float:
+        """Global gradient norm over all stages (the tied weight once), clipped to `max_norm`."""
+        skip = self.stage.lm_head.weight if self.stage.is_last and self.stage.tied_here() else None
+        grads = [p.grad for p in params if p.grad is not None and p is not skip]
+        local = torch.nn.utils.get_total_norm(grads, 2.0) if grads else torch.zeros(())
+        sq = (local.float() ** 2).reshape(1)
+        dist.all_reduce(sq)
+        total = math.sqrt(float(sq))
+        coef = min(1.0, max_norm / (total + 1e-6))
+        if coef < 1.0:
+            for p in params:
+                if p.grad is not None:
+                    p.grad.mul_(coef)
+        return total
+
+    # -- state, gathered on rank 0 ------------------------------------------------------------
+
+    def full_model_state(self) -> dict[str, torch.Tensor]:
+        """Every stage's weights on rank 0 (others `{}`), tied head dropped as in one process."""
+        own = {k: v.detach().cpu() for k, v in self.stage.state_dict().items()}
+        parts = _gather(own, self.rank)
+        sd: dict[str, torch.Tensor] = {}
+        for part in parts:
+            sd.update(part)
+        if sd and self.stage.cfg.tie_embeddings:
+            sd.pop("lm_head.weight", None)
+        return sd
+
+    def _names(self, opt: torch.optim.Optimizer) -> list[str]:
+        names = {id(p): n for n, p in self.stage.named_parameters()}
+        return [names[id(p)] for g in opt.param_groups for p in g["params"]]
+
+    def full_optimizer_state(self, opt: torch.optim.Optimizer) -> dict[str, Any]:
+        """AdamW state as one process of the whole model would have it, on rank 0."""
+        sd = opt.state_dict()
+        names = self._names(opt)
+        own = {names[i]: {k: v.cpu() for k, v in st.items()} for i, st in sd["state"].items()}
+        parts = _gather({"state": own, "groups": sd["param_groups"]}, self.rank)
+        if not parts:
+            return {}
+        by_name: dict[str, Any] = {}
+        for part in parts:
+            by_name.update(part["state"])
+        index = {n: i for i, n in enumerate(self.order)}
+        groups, start = [], 0
+        for size, g in zip(self.group_sizes, parts[0]["groups"], strict=True):
+            groups.append({**g, "params": list(range(start, start + size))})
+            start += size
+        return {
+            "state": {index[n]: st for n, st in by_name.items() if n in index},
+            "param_groups": groups,
+        }
+
+    def load_optimizer_state(self, opt: torch.optim.Optimizer, sd: dict[str, Any]) -> None:
+        """Keep this stage's entries of a whole-model optimizer state."""
+        names = self._names(opt)
+        full = {self.order[int(i)]: st for i, st in sd["state"].items()}
+        if self.stage.tied_here():
+            full["lm_head.weight"] = full.get("embed.weight")
+        state = {i: full[n] for i, n in enumerate(names) if full.get(n) is not None}
+        it = iter(range(len(names)))
+        groups = [
+            {**saved, "params": [next(it) for _ in g["params"]]}
+            for saved, g in zip(sd["param_groups"], opt.param_groups, strict=True)
+        ]
+        opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+def _gather(obj: Any, rank: int) -> list[Any]:
+    """Every rank's `obj` on rank 0 (in rank order), `[]` elsewhere: tensors sent between this
+    job's own processes (torch pickles them in transit; nothing is read from a file)."""
+    out: list[Any] | None = [None] * dist.get_world_size() if rank == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out or []
