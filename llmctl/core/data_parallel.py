@@ -161,8 +161,3 @@ def check_resume_rows(state: dict[str, Any], micro_batch: int, rt: Runtime) -> N
         f"with {then_ranks} x {rows_then // then_ranks} per micro-step",
         fix,
     )
-
-
-def strip_prefix(sd: dict[str, Any], prefix: str) -> dict[str, Any]:
-    """The entries of a state dict under `prefix` ("backbone."), without it."""
-    return {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
