@@ -55,7 +55,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from llmctl.core.artifacts import Manifest, commit_output, input_record, partial_path
+from llmctl.core.artifacts import Manifest, input_record, partial_path
 from llmctl.core.chatdata import IGNORE, Prompt, load_prompts
 from llmctl.core.checkpoint import (
     latest_checkpoint,
@@ -66,6 +66,7 @@ from llmctl.core.checkpoint import (
     write_checkpoint_files,
 )
 from llmctl.core.config import require, to_dict
+from llmctl.core.data_parallel import run_output
 from llmctl.core.errors import ConfigError, InputError, LlmctlError, TrainingError
 from llmctl.core.heads import ScalarHead, load_reward_model, pad_right
 from llmctl.core.model import Transformer
@@ -84,7 +85,7 @@ from llmctl.core.progress import SILENT, Progress
 from llmctl.core.runtime import Runtime
 from llmctl.core.sampling import SamplingConfig, generate
 from llmctl.core.tokenizer import Tokenizer
-from llmctl.core.train_loop import read_metrics, truncate_metrics
+from llmctl.core.train_loop import read_metrics
 
 CRITIC_FILE = "trainer_state.critic.safetensors"  # "trainer_state.*": resume state, not content
 
@@ -642,20 +643,10 @@ def run(
     start = 0
     if resume:
         start, kl.value = _resume(run_dir, cfg, models, opt, rt)
-    with commit_output(
-        dst,
-        kind="checkpoint",
-        stage="ppo",
-        config=to_dict(cfg),
-        inputs=inputs,
-        force=force,
-        keep_partial_on_error=True,
-        fresh=not resume,
+    with run_output(
+        dst, rt, "ppo", config=to_dict(cfg), inputs=inputs, force=force, resume=resume, start=start
     ) as out:
-        (out.path / "checkpoints").mkdir(exist_ok=True)
         metrics = out.path / "metrics.jsonl"
-        if resume:
-            truncate_metrics(metrics, start)
 
         def write_state(d: Path) -> None:
             save_file(models.critic.tensors(), str(d / CRITIC_FILE))
