@@ -2477,7 +2477,8 @@ def _pretrain_plan(
     out.print(
         "bytes/param: weights 4 (fp32 master), grads 4, AdamW 8; zero1 shards the optimizer, zero2 "
         "+ grads, fsdp (ZeRO-3) all of them over the GPUs; activations = B x T x layers x "
-        f"{act_bytes} B x (7 d_model + 4 kv_dim + 4 d_ff), /tp under TP; ckpt'd: with activation "
+        f"{act_bytes} B x (7 d_model + 4 kv_dim + 4 d_ff), all but 4 d_model /tp under TP; "
+        "ckpt'd: with activation "
         "checkpointing (layer inputs kept, one layer recomputed). Not counted: CUDA context, "
         "fragmentation, comm buffers (keep ~10% free).",
         style="dim",

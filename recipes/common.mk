@@ -1,7 +1,8 @@
 # Shared stage rules of the GPU recipes (gpt2-124m, llama-1b, llama-7b). A recipe sets CONFIG (its
-# TOML), LAUNCH (how pretrain starts: torchrun or accelerate launch), GPUS and TP (for `make plan`),
-# then includes this file. Targets are manifests, so `make` re-runs only stale stages and `make -n`
-# prints the pipeline. Nothing is downloaded: the data is yours.
+# TOML), LAUNCH (how pretrain starts: torchrun or accelerate launch) and GPUS (for `make plan`), then
+# includes this file; TP=N overrides the config's tensor-parallel degree. Targets are manifests, so
+# `make` re-runs only stale stages and `make -n` prints the pipeline. Nothing is downloaded: the data
+# is yours.
 #
 #   make plan                          the dry run: parameters, tokens, FLOPs, memory per GPU, time
 #   make PARQUET=/data/fineweb/        FineWeb-style Parquet shards ("text" column, already filtered):
@@ -20,12 +21,14 @@ MFU     ?= 0.4
 VOCAB   ?= 32000
 RESUME  ?=
 RUN     := $(LLMCTL) --seed $(SEED)
+# TP= overrides the config's [pretrain] tp for the plan and the training run alike.
+TP_FLAG := $(if $(TP),--tp $(TP))
 
 .PHONY: all plan clean check-data
 all: $(OUT)/REPORT.md
 
 plan:
-	$(RUN) pretrain --config $(CONFIG) --dry-run --vocab-size $(VOCAB) --gpus $(GPUS) --tp $(TP) --gpu $(GPU) --mfu $(MFU)
+	$(RUN) pretrain --config $(CONFIG) --dry-run --vocab-size $(VOCAB) --gpus $(GPUS) $(TP_FLAG) --gpu $(GPU) --mfu $(MFU)
 
 check-data:
 	@test -n "$(strip $(PARQUET)$(WARC))" || { echo 'set PARQUET=/path/to/parquet-shards or WARC="a.warc.gz b.warc.gz"' >&2; exit 2; }
@@ -47,7 +50,7 @@ $(OUT)/tokens/manifest.json: $(OUT)/dedup/manifest.json $(CONFIG)
 	$(RUN) tokenize $(OUT)/dedup -o $(OUT)/tokens --config $(CONFIG) --force
 
 $(OUT)/base/manifest.json: $(OUT)/tokens/manifest.json $(CONFIG)
-	$(LAUNCH) pretrain $(OUT)/tokens -o $(OUT)/base --config $(CONFIG) --force $(RESUME)
+	$(LAUNCH) pretrain $(OUT)/tokens -o $(OUT)/base --config $(CONFIG) --force $(TP_FLAG) $(RESUME)
 
 $(OUT)/eval-ppl/manifest.json: $(OUT)/base/manifest.json $(CONFIG)
 	$(RUN) eval ppl $(OUT)/base $(OUT)/tokens -o $(OUT)/eval-ppl --config $(CONFIG) --force

@@ -13,12 +13,13 @@ import yaml
 from typer.testing import CliRunner
 
 from llmctl.cli import app
+from llmctl.core import sizing
 from llmctl.core.config import build_config, load_toml
 from llmctl.stages.crawl_filter import CrawlFilterConfig
 from llmctl.stages.dedup import DedupConfig
 from llmctl.stages.evaluate import PerplexityConfig
 from llmctl.stages.generate import GenerateConfig
-from llmctl.stages.pretrain import PretrainConfig, plan
+from llmctl.stages.pretrain import PretrainConfig, plan, resolve_micro_batch
 from llmctl.stages.tokenize import TokenizeConfig
 
 RECIPES = Path(__file__).parent.parent / "recipes"
@@ -60,7 +61,10 @@ def test_every_table_resolves(recipe: str) -> None:
         build_config(SECTIONS[section], toml, section, **extra)
     pre = build_config(PretrainConfig, toml, "pretrain", data=("out/tokens",))
     tok = build_config(TokenizeConfig, toml, "tokenize")
-    p = plan(pre, tok.vocab_size, world_size=8)  # the batch divides over a node of 8 GPUs
+    if pre.micro_batch == "auto":  # as training would choose it on 64 H100s
+        budget = sizing.GPUS["h100"][1]
+        pre, _ = resolve_micro_batch(pre, pre.model_config(tok.vocab_size), budget, 64)
+    p = plan(pre, tok.vocab_size, world_size=8)  # the batch divides over 8 data-parallel ranks
     assert p["tokens"] >= 20 * p["params"] * 0.99  # the Chinchilla budget
 
 

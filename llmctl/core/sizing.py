@@ -29,8 +29,9 @@ attention output (d), the SwiGLU gate/up outputs, activation and product (4 d_ff
 Korthikanti et al. (2022), whose GPT count is 34 d x act_bytes/2 per token per layer, adapted to the
 Llama block. With activation checkpointing only each layer's input (d_model) is kept, plus one layer's
 full activations during its recomputation. The fused LM head + loss never builds the (B x T x vocab)
-logits. Under TP the per-layer activations are split over `tp` (assuming sequence parallelism for the
-norms). Not counted: the CUDA context and allocator fragmentation (budget ~10%), DDP's gradient
+logits. Under TP (as `pretrain --tp` runs it: no sequence parallelism) q/k/v, the attention output
+and the SwiGLU tensors are split over `tp`, the norms' inputs and outputs (4 d) and the checkpointed
+layer inputs are whole on every rank. Not counted: the CUDA context and allocator fragmentation (budget ~10%), DDP's gradient
 buckets, communication buffers.
 """
 
@@ -91,10 +92,10 @@ def activation_bytes(
 ) -> float:
     """Activations kept for the backward pass of one micro-batch (see the module docstring)."""
     kv_dim = cfg.n_kv_heads * cfg.head_dim
-    per_layer = micro_batch * seq_len * act_bytes * (7 * cfg.d_model + 4 * kv_dim + 4 * cfg.d_ff)
-    per_layer /= tp
+    split = 3 * cfg.d_model + 4 * kv_dim + 4 * cfg.d_ff  # divided among TP ranks
+    per_layer = micro_batch * seq_len * act_bytes * (4 * cfg.d_model + split / tp)
     if checkpointing:
-        inputs = micro_batch * seq_len * act_bytes * cfg.d_model * cfg.n_layers / tp
+        inputs = micro_batch * seq_len * act_bytes * cfg.d_model * cfg.n_layers
         return inputs + per_layer
     return per_layer * cfg.n_layers
 
