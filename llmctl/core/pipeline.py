@@ -18,9 +18,10 @@ State leaves the pipeline whole: `full_model_state` and `full_optimizer_state` g
 part on rank 0 (one-file checkpoints in the single-process layout, so a PP run resumes with another
 P, or in one process); `load_optimizer_state` keeps each stage's own entries.
 
-Scope: every rank is one stage (world size = P: no data parallelism beside PP, no TP, no
-sharded checkpoints, no `--compile`); pretrain only. Stages exchange activations of a fixed shape,
-so validation runs whole micro-batches of windows.
+With world size P x D the ranks form a (dp, pp) mesh: D pipelines, each reading its own rows of
+every step, whose same stages average their gradients once per step (one flat all-reduce over the
+dp dimension). Scope: no TP or FSDP with PP, no sharded checkpoints, no `--compile`; pretrain only.
+Stages exchange activations of a fixed shape, so validation runs whole micro-batches of windows.
 """
 
 from __future__ import annotations
@@ -93,11 +94,20 @@ class Pipeline:
         grad_accum: int,
         checkpointing: bool = False,
     ) -> None:
+        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
         from llmctl.core.parallel import checkpoint_activations
 
         self.pp, self.rank = pp, rank
+        # Ranks form a (dp, pp) mesh: rank = replica x pp + stage. Each replica is one pipeline;
+        # the same stage of every replica averages its gradients over the dp dimension.
+        self.dp = dist.get_world_size() // pp
+        self.replica, index = divmod(rank, pp)
+        mesh = init_device_mesh(device.type, (self.dp, pp), mesh_dim_names=("dp", "pp"))
+        self.pp_group = mesh["pp"].get_group()
+        self.dp_group = mesh["dp"].get_group() if self.dp > 1 else None
+        self.last_rank = self.replica * pp + pp - 1  # this pipeline's last stage (global rank)
         # The whole model's parameter order (the optimizer's, in one process) and group of each.
         seen: set[int] = set()
         self.order: list[str] = []
@@ -110,17 +120,20 @@ class Pipeline:
         self.group_sizes = [len(decay), len(no_decay)]
         if checkpointing:
             checkpoint_activations(model)
-        self.stage = Stage(model, rank, pp)
+        self.stage = Stage(model, index, pp)
         # Free what other stages hold (the model was built whole so its initialisation matches).
         for i in range(model.cfg.n_layers):
             if str(i) not in self.stage.layers:
                 model.layers[i] = nn.Identity()
-        # The embedding group: the first and last ranks (every rank must create it).
-        self.tied_group = (
-            dist.new_group([0, pp - 1]) if model.cfg.tie_embeddings and pp > 1 else None
-        )
+        # Embedding groups: each pipeline's first and last ranks (every rank creates all of them).
+        self.tied_group = None
+        if model.cfg.tie_embeddings and pp > 1:
+            for r in range(self.dp):
+                group = dist.new_group([r * pp, r * pp + pp - 1])
+                if r == self.replica:
+                    self.tied_group = group
         self.grad_accum = grad_accum
-        self._pipe_stage = PipelineStage(self.stage, rank, pp, device)
+        self._pipe_stage = PipelineStage(self.stage, index, pp, device, group=self.pp_group)
         cls = ScheduleGPipe if schedule == "gpipe" else Schedule1F1B
         # Not the schedule's own scaling: it divides the whole .grad after every step, which would
         # shrink again what earlier micro-batches of an accumulation had added.
@@ -150,19 +163,28 @@ class Pipeline:
             if losses
             else torch.zeros((), device=x.device)
         )
-        dist.broadcast(loss, src=self.pp - 1)
+        dist.broadcast(loss, src=self.last_rank, group=self.pp_group)
         return loss
 
     def forward_backward(
         self, batch: tuple[torch.Tensor, torch.Tensor], sync: bool
     ) -> torch.Tensor:
         """Forward and backward of one micro-batch through the pipeline (for the training loop);
-        on the step's last micro-batch (`sync`) the tied copies exchange gradients."""
+        on the step's last micro-batch (`sync`) the tied copies exchange gradients and, with
+        several pipelines, each stage's gradients are averaged over them (one flat all-reduce)."""
         loss = self._run(True, *batch)
-        if sync and self.stage.tied_here():
+        if not sync:
+            return loss
+        if self.stage.tied_here():
             w = self.stage.embed.weight if self.stage.is_first else self.stage.lm_head.weight
             if w.grad is not None:
                 dist.all_reduce(w.grad, group=self.tied_group)
+        if self.dp_group is not None:
+            grads = [p.grad for p in self.stage.parameters() if p.grad is not None]
+            flat = torch.cat([g.reshape(-1) for g in grads]) / self.dp  # gloo has no AVG
+            dist.all_reduce(flat, group=self.dp_group)
+            for g, new in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
+                g.copy_(new.view_as(g))
         return loss
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -175,7 +197,7 @@ class Pipeline:
         grads = [p.grad for p in params if p.grad is not None and p is not skip]
         local = torch.nn.utils.get_total_norm(grads, 2.0) if grads else torch.zeros(())
         sq = (local.float() ** 2).reshape(1)
-        dist.all_reduce(sq)
+        dist.all_reduce(sq, group=self.pp_group)  # replicas hold equal (averaged) gradients
         total = math.sqrt(float(sq))
         coef = min(1.0, max_norm / (total + 1e-6))
         if coef < 1.0:
@@ -186,10 +208,20 @@ class Pipeline:
 
     # -- state, gathered on rank 0 ------------------------------------------------------------
 
+    def _gather(self, obj: Any) -> list[Any]:
+        """Every stage's `obj` of the first pipeline on rank 0 (in stage order), `[]` elsewhere:
+        tensors sent between this job's own processes (torch pickles them in transit; nothing is
+        read from a file). The other pipelines hold the same state and send nothing."""
+        if self.replica != 0:
+            return []
+        out: list[Any] | None = [None] * self.pp if self.rank == 0 else None
+        dist.gather_object(obj, out, dst=0, group=self.pp_group)
+        return out or []
+
     def full_model_state(self) -> dict[str, torch.Tensor]:
         """Every stage's weights on rank 0 (others `{}`), tied head dropped as in one process."""
         own = {k: v.detach().cpu() for k, v in self.stage.state_dict().items()}
-        parts = _gather(own, self.rank)
+        parts = self._gather(own)
         sd: dict[str, torch.Tensor] = {}
         for part in parts:
             sd.update(part)
@@ -206,7 +238,7 @@ class Pipeline:
         sd = opt.state_dict()
         names = self._names(opt)
         own = {names[i]: {k: v.cpu() for k, v in st.items()} for i, st in sd["state"].items()}
-        parts = _gather({"state": own, "groups": sd["param_groups"]}, self.rank)
+        parts = self._gather({"state": own, "groups": sd["param_groups"]})
         if not parts:
             return {}
         by_name: dict[str, Any] = {}
@@ -235,11 +267,3 @@ class Pipeline:
             for saved, g in zip(sd["param_groups"], opt.param_groups, strict=True)
         ]
         opt.load_state_dict({"state": state, "param_groups": groups})
-
-
-def _gather(obj: Any, rank: int) -> list[Any]:
-    """Every rank's `obj` on rank 0 (in rank order), `[]` elsewhere: tensors sent between this
-    job's own processes (torch pickles them in transit; nothing is read from a file)."""
-    out: list[Any] | None = [None] * dist.get_world_size() if rank == 0 else None
-    dist.gather_object(obj, out, dst=0)
-    return out or []

@@ -191,9 +191,8 @@ class PretrainConfig:
         require(self.pp_schedule in ("gpipe", "1f1b"), "--pp-schedule must be gpipe or 1f1b")
         if self.pp > 1:
             require(
-                self.tp == 1 and self.parallel == "none",
-                "--pp combines with neither --tp nor --parallel ddp|fsdp in this release: "
-                "every rank is one pipeline stage",
+                self.tp == 1 and self.parallel != "fsdp",
+                "--pp combines with --parallel ddp (several pipelines), not with --tp or fsdp",
             )
             require(
                 not (self.sharded_checkpoints or self.compile),
@@ -378,9 +377,10 @@ def run(
         TrainingError: the loss became non-finite (the last checkpoint stays in `<dst>.partial`).
     """
     rt = runtime or Runtime.detect(cfg.device, cfg.precision)
-    if cfg.pp > 1 and rt.world_size != cfg.pp:
+    if cfg.pp > 1 and rt.world_size % cfg.pp:
         raise ConfigError(
-            f"--pp {cfg.pp} needs {cfg.pp} processes (one per stage), got {rt.world_size}",
+            f"--pp {cfg.pp} needs a multiple of {cfg.pp} processes (one per stage), got "
+            f"{rt.world_size}",
             f"torchrun --nproc_per_node {cfg.pp} -m llmctl pretrain ... --pp {cfg.pp}",
         )
     if rt.world_size % cfg.tp:
@@ -388,7 +388,7 @@ def run(
             f"--tp {cfg.tp} does not divide the {rt.world_size} process(es)",
             f"launch a multiple of {cfg.tp}: torchrun --nproc_per_node {cfg.tp} -m llmctl pretrain ...",
         )
-    if cfg.pp == 1 and data_parallel(rt.world_size, cfg.tp) > 1 and cfg.parallel == "none":
+    if data_parallel(rt.world_size, cfg.tp * cfg.pp) > 1 and cfg.parallel == "none":
         raise ConfigError(
             f"{rt.world_size} processes but --parallel none: each would train its own copy",
             "pass --parallel ddp (replicated) or --parallel fsdp (sharded)",

@@ -15,6 +15,10 @@ create alone), in this order:
     OUT/resume2pp resumes OUT/ddp's step-3 checkpoint as a 2-stage pipeline
     OUT/fsdpbf16  FSDP with bf16 autocast: bf16 gathered weights, fp32 gradient reduction
     OUT/crash     FSDP, 8 steps, in which rank 1 dies during step 5: the launch fails last
+
+`_dist_worker.py OUT JSON pp-dp` under `torchrun --nproc_per_node 4` runs one case instead:
+
+    OUT/pp2dp2    2 pipelines of 2 stages (--pp 2 --parallel ddp), each reading 4 of 8 rows
 """
 
 from __future__ import annotations
@@ -157,10 +161,20 @@ def crash(out: Path, cfg: dict) -> None:
     pretrain.run(out / "crash", pretrain.PretrainConfig(**cfg))
 
 
+def pipelines_in_parallel(out: Path, cfg: dict) -> None:
+    """--pp 2 x 2 data-parallel pipelines: each rank of a pipeline takes 4 rows a micro-step."""
+    over = {"micro_batch": cfg["micro_batch"], "pp": 2, "parallel": "ddp", "pp_chunks": 2}
+    pretrain.run(out / "pp2dp2", pretrain.PretrainConfig(**{**cfg, **over}))
+
+
 if __name__ == "__main__":
     out, cfg = Path(sys.argv[1]), json.loads(sys.argv[2])
     cfg["data"] = tuple(cfg["data"])
     dist.init_process_group("gloo")
+    if sys.argv[3:] == ["pp-dp"]:
+        pipelines_in_parallel(out, cfg)
+        dist.destroy_process_group()
+        sys.exit(0)
     train(out, cfg)
     tensor_parallel(out, cfg)
     pipeline_parallel(out, cfg)

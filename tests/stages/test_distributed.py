@@ -46,11 +46,13 @@ def losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r}
 
 
-def torchrun(cfg: pretrain.PretrainConfig, out: Path) -> subprocess.CompletedProcess:
+def torchrun(
+    cfg: pretrain.PretrainConfig, out: Path, procs: int = 2, *case: str
+) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "LLMCTL_DIST_TIMEOUT": "60"}
-    cmd = [str(TORCHRUN), "--standalone", "--nproc_per_node", "2", str(WORKER)]
+    cmd = [str(TORCHRUN), "--standalone", "--nproc_per_node", str(procs), str(WORKER)]
     return subprocess.run(
-        [*cmd, str(out), json.dumps(to_dict(cfg))],
+        [*cmd, str(out), json.dumps(to_dict(cfg)), *case],
         capture_output=True,
         text=True,
         env=env,
@@ -219,6 +221,18 @@ def test_pipeline_parallel_runs_match_one_process(
 
 
 @pytest.mark.slow
+def test_pipelines_in_data_parallel_match_one_process(
+    runs: Runs, tokens_dir: Path, tiny_pretrain
+) -> None:
+    """4 processes: 2 pipelines of 2 stages, each pipeline on its 4 rows of every micro-step,
+    gradients averaged stage by stage."""
+    res = torchrun(tiny_pretrain(tokens_dir, **SETTINGS), runs.out, 4, "pp-dp")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert_same_run(runs / "ref", runs / "pp2dp2")
+    assert abs(val_loss(runs / "pp2dp2") - val_loss(runs / "ref")) < 1e-4
+
+
+@pytest.mark.slow
 def test_pipeline_checkpoints_move_between_one_process_and_two_stages(
     runs: Runs, tokens_dir: Path, tiny_pretrain
 ) -> None:
@@ -250,9 +264,10 @@ def test_fsdp_under_bf16_gathers_bf16_weights_and_reduces_in_fp32(runs: Runs) ->
     [
         ({"tp": 2}, 1, "--tp 2 does not divide the 1 process"),
         ({"tp": 2}, 4, "4 processes but --parallel none"),
-        ({"pp": 2}, 4, "--pp 2 needs 2 processes"),
+        ({"pp": 2}, 3, "--pp 2 needs a multiple of 2 processes"),
+        ({"pp": 2}, 4, "4 processes but --parallel none"),
         ({"pp": 2, "micro_batch": 6, "pp_chunks": 4}, 2, "--pp-chunks 4 must divide"),
-        ({"pp": 2, "parallel": "fsdp"}, 2, "--pp combines with neither"),
+        ({"pp": 2, "parallel": "fsdp"}, 2, "--pp combines with --parallel ddp"),
     ],
 )
 def test_parallel_layouts_that_cannot_work_are_refused(
