@@ -10,11 +10,14 @@ are written and the directory is renamed to `<out>`. `--resume` continues from t
 in `<out>.partial/` and reproduces the uninterrupted run's losses exactly.
 
 Several processes (`torchrun --nproc_per_node N -m llmctl pretrain ... --parallel ddp|fsdp`): each
-rank trains on its own rows of every step's batch (`--micro-batch` is per rank; `--batch-tokens` is
-global), the model is wrapped by `core/parallel.py`, and rank 0 alone writes metrics, checkpoints and
-the manifest. Checkpoints are always the one-file format, gathered from the shards under FSDP, so a
-run resumes on another number of ranks, and with another micro-batch (a step's rows do not depend
-on how they are split).
+data-parallel rank trains on its own rows of every step's batch (`--micro-batch` is per rank;
+`--batch-tokens` is global), the model is wrapped by `core/parallel.py` (DDP, FSDP, and `--tp T`
+tensor parallelism inside groups of T ranks, which share their rows) or split into pipeline stages
+by `core/pipeline.py` (`--pp P`), and rank 0 alone writes metrics, checkpoints and the manifest.
+Intermediate checkpoints are the one-file format, gathered from shards and stages, unless
+`--sharded-checkpoints`; a run resumes on another number of ranks, another TP or PP degree and
+another micro-batch (a step's rows do not depend on how they are split). `--micro-batch auto`
+takes the largest micro-batch whose estimated memory fits the device (core/sizing.py).
 """
 
 from __future__ import annotations
