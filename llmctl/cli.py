@@ -1468,6 +1468,13 @@ def ppo(
     save_every: Annotated[int | None, typer.Option(help="Steps between checkpoints.")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N, mps.")] = None,
     precision: Annotated[str | None, typer.Option(help="auto, fp32 or bf16 (autocast).")] = None,
+    parallel: Annotated[
+        str | None,
+        typer.Option(
+            help="Under torchrun: ddp (policy and critic replicated; each rank samples its share "
+            "of --batch-prompts; --minibatch is per rank); none alone."
+        ),
+    ] = None,
     resume: Annotated[
         bool,
         typer.Option("--resume", help="Continue from the newest checkpoint in OUTPUT.partial/."),
@@ -1482,7 +1489,9 @@ def ppo(
     on policy and critic. metrics.jsonl logs score, KL, entropy, clip fraction, value loss,
     response length and the generation / scoring / optimisation seconds. The output is a plain
     checkpoint: `llmctl generate OUT "question" --chat` talks to it.
+    Several processes: torchrun --nproc_per_node N -m llmctl ppo ... --parallel ddp.
     """
+    from llmctl.core.distributed import is_main_process
     from llmctl.stages import ppo as stage
 
     cfg = make_config(
@@ -1510,7 +1519,11 @@ def ppo(
         save_every=save_every,
         device=device,
         precision=precision,
+        parallel=parallel,
     )
+    if not is_main_process():  # rank 0 alone prints
+        stage.run(output, cfg, force=force, resume=resume)
+        return
     show_config(cfg)
     m = stage.run(output, cfg, force=force, resume=resume, progress=progress())
     rows = {

@@ -1,6 +1,8 @@
 """The pure pieces of PPO for RLHF: per-token rewards with a KL penalty, GAE, whitening, the
 adaptive KL controller and the clipped losses. No models, files or devices: tensors in, tensors out,
-so each piece is unit-tested against a hand computation (tests/core/test_ppo_core.py).
+so each piece is unit-tested against a hand computation (tests/core/test_ppo_core.py). With several
+processes (`--parallel ddp`) the advantages are whitened over every rank's responses
+(`whiten_over_ranks`, two all-reduces).
 
 Layout: every per-token tensor is (B, R), one row per sampled response, right-padded to the longest
 response R; `mask` (B, R) bool marks real response tokens (the stop token included). Position t
@@ -21,6 +23,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
+
+from llmctl.core.distributed import active
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
@@ -49,6 +54,22 @@ def whiten(
     if not shift_mean:
         out = out + mean
     return out * mask.to(x.dtype)
+
+
+def whiten_over_ranks(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """`whiten` with the mean and variance of the masked entries of every rank's `x` together (as
+    if their rows were one batch); `whiten` itself in one process. Collective: every rank calls it.
+    """
+    if not active():
+        return whiten(x, mask, eps=eps)
+    m = mask.to(x.dtype)
+    sums = torch.stack([(x * m).sum(), m.sum()])
+    dist.all_reduce(sums)  # sum over ranks
+    mean = sums[0] / sums[1].clamp(min=1)
+    ss = (((x - mean) ** 2) * m).sum()
+    dist.all_reduce(ss)
+    var = ss / (sums[1] - 1).clamp(min=1)
+    return (x - mean) * torch.rsqrt(var + eps) * m
 
 
 def token_rewards(

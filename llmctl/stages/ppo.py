@@ -30,12 +30,18 @@ of the policy (`llmctl generate` loads it) plus, as trainer state, the optimizer
 the critic (`trainer_state.critic.safetensors`). `--resume` continues from the newest one: prompts,
 sampling seeds and minibatch orders are pure functions of (seed, step), so it follows the same path.
 
-ppo runs in one process: started on several (torchrun) it stops with a ConfigError rather than
-train a copy per process (sft, rm and dpo have `--parallel ddp|fsdp`).
+Several processes (`torchrun ... -m llmctl ppo ... --parallel ddp`): policy and critic are DDP
+replicas; each rank samples and scores its own share of every step's prompts (`--batch-prompts`
+global, its own sampling stream) and runs `--minibatch` of its responses per optimizer step (so
+`--minibatch` is per rank), with gradients averaged over ranks. Advantages are whitened over all
+ranks' responses, the KL controller sees the mean KL over all of them, and the logged numbers are
+means over ranks. Rank 0 writes. FSDP is not offered: sampling runs a different number of forward
+passes on each rank, which FSDP's collectives cannot follow.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import importlib
@@ -66,11 +72,19 @@ from llmctl.core.checkpoint import (
     write_checkpoint_files,
 )
 from llmctl.core.config import require, to_dict
-from llmctl.core.data_parallel import run_output
+from llmctl.core.data_parallel import (
+    cat_over_ranks,
+    on_ranks,
+    plan_ranks,
+    rank_share,
+    run_output,
+)
+from llmctl.core.distributed import mean_over_ranks
 from llmctl.core.errors import ConfigError, InputError, LlmctlError, TrainingError
 from llmctl.core.heads import ScalarHead, load_reward_model, pad_right
 from llmctl.core.model import Transformer
 from llmctl.core.optim import make_adamw
+from llmctl.core.parallel import wrap
 from llmctl.core.ppo import (
     KLController,
     explained_variance,
@@ -79,7 +93,7 @@ from llmctl.core.ppo import (
     policy_loss,
     token_rewards,
     value_loss,
-    whiten,
+    whiten_over_ranks,
 )
 from llmctl.core.progress import SILENT, Progress
 from llmctl.core.runtime import Runtime
@@ -143,6 +157,7 @@ class PPOConfig:
     keep_checkpoints: int = 2  # newest intermediate checkpoints kept
     device: str = "auto"  # auto, cpu, cuda, cuda:1, mps
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto = bf16 where supported
+    parallel: Literal["none", "ddp"] = "none"  # with several processes (torchrun): ddp = replicate
     seed: int = 0  # prompt choice, sampling and minibatch order
 
     def __post_init__(self) -> None:
@@ -177,6 +192,11 @@ class PPOConfig:
             "--target-kl adapts --kl-coef multiplicatively, so --kl-coef must be > 0",
         )
         require(self.kl_horizon >= 1, f"--kl-horizon must be >= 1, got {self.kl_horizon}")
+        require(
+            self.parallel in ("none", "ddp"),
+            f"--parallel must be none or ddp for ppo, got {self.parallel!r} (sampling runs a "
+            "different number of forward passes on each rank, which FSDP cannot follow)",
+        )
         require(0 < self.gamma <= 1, f"--gamma must be in (0, 1], got {self.gamma}")
         require(0 <= self.lam <= 1, f"--lam must be in [0, 1], got {self.lam}")
         require(self.save_every >= 0, f"--save-every must be >= 0, got {self.save_every}")
@@ -296,6 +316,9 @@ class _Models:
     tokenizer: Tokenizer
     score: Callable[[Sequence[Prompt], list[list[int]], list[list[int]]], torch.Tensor]
     inputs: list[dict]
+    # What the update's forward passes run through: DDP wrappers under --parallel ddp.
+    train_policy: nn.Module | None = None
+    train_critic: nn.Module | None = None
 
 
 def _load_models(cfg: PPOConfig, rt: Runtime) -> _Models:
@@ -334,6 +357,11 @@ def subseed(seed: int, name: str, step: int) -> int:
     """A 63-bit seed for one named random stream at one step."""
     h = hashlib.sha256(f"{seed}:{name}:{step}".encode()).digest()
     return int.from_bytes(h[:8], "little") >> 1
+
+
+def stream(name: str, rt: Runtime) -> str:
+    """A random stream's name on this rank (rank 0's is the one-process name)."""
+    return name if rt.rank == 0 else f"{name}/rank{rt.rank}"
 
 
 def pick_prompts(n: int, k: int, seed: int, step: int) -> list[int]:
@@ -390,19 +418,34 @@ def _at(h: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return h.gather(1, idx[..., None].expand(-1, -1, h.shape[-1]))
 
 
+class ResponseLogprobs(nn.Module):
+    """The policy as the update runs it: one forward reads the decoder and its LM head, which DDP
+    needs to see (the head is applied to the response positions only)."""
+
+    def __init__(self, policy: Transformer) -> None:
+        super().__init__()
+        self.policy = policy
+
+    def forward(
+        self, ids: torch.Tensor, idx: torch.Tensor, tokens: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """See `response_logprobs`."""
+        h = _at(self.policy(ids[:, :-1], hidden=True), idx)  # (B, R, d)
+        logp_all = self.policy.lm_head(h).float().log_softmax(-1)  # (B, R, V)
+        logp = logp_all.gather(-1, tokens.clamp(min=0)[..., None]).squeeze(-1)
+        with torch.no_grad():
+            entropy = -(logp_all.exp() * logp_all).sum(-1)
+        mask = tokens != IGNORE
+        return logp * mask, entropy * mask
+
+
 def response_logprobs(
     model: Transformer, ids: torch.Tensor, idx: torch.Tensor, tokens: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """log pi(response token) and the policy's entropy at each response position, (B, R) fp32
     each, 0 on padding. The LM head runs on the response positions only, so the one
     vocabulary-sized tensor is (B, R, V), not (B, L, V)."""
-    h = _at(model(ids[:, :-1], hidden=True), idx)  # (B, R, d)
-    logp_all = model.lm_head(h).float().log_softmax(-1)  # (B, R, V)
-    logp = logp_all.gather(-1, tokens.clamp(min=0)[..., None]).squeeze(-1)
-    with torch.no_grad():
-        entropy = -(logp_all.exp() * logp_all).sum(-1)
-    mask = tokens != IGNORE
-    return logp * mask, entropy * mask
+    return ResponseLogprobs(model)(ids, idx, tokens)
 
 
 @torch.no_grad()
@@ -464,15 +507,17 @@ def ppo_update(
     clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
     acc: dict[str, list[float]] = {}
     B = roll.ids.shape[0]
+    policy = models.train_policy or ResponseLogprobs(models.policy)
+    critic = models.train_critic or models.critic
     for epoch in range(cfg.ppo_epochs):
         order = list(range(B))
-        random.Random(subseed(cfg.seed, f"ppo/minibatch/{epoch}", step)).shuffle(order)
+        random.Random(subseed(cfg.seed, stream(f"ppo/minibatch/{epoch}", rt), step)).shuffle(order)
         for s in range(0, B, cfg.minibatch):
             mb = torch.tensor(order[s : s + cfg.minibatch], device=roll.ids.device)
             ids, idx, tok, mask = roll.ids[mb], roll.idx[mb], roll.tokens[mb], roll.mask[mb]
             with rt.autocast():
-                logp, _ = response_logprobs(models.policy, ids, idx, tok)
-                values = models.critic(ids[:, :-1]).gather(1, idx).float()
+                logp, _ = policy(ids, idx, tok)
+                values = critic(ids[:, :-1]).gather(1, idx).float()
             pg, pst = policy_loss(logp, roll.logp[mb], roll.advantages[mb], mask, cfg.clip)
             vf, vst = value_loss(values, roll.values[mb], roll.returns[mb], mask, cfg.vf_clip)
             loss = pg + cfg.vf_coef * vf
@@ -508,10 +553,10 @@ def ppo_step(
 ) -> dict[str, Any]:
     """One rollout -> score -> update cycle; returns the step's metrics record."""
     tok = models.tokenizer
-    rows = pick_prompts(len(prompts), cfg.batch_prompts, cfg.seed, step)
+    rows = rank_share(pick_prompts(len(prompts), cfg.batch_prompts, cfg.seed, step), rt)
     batch, p_ids = [prompts[i] for i in rows], [enc[i] for i in rows]
     t0 = time.perf_counter()
-    gen = torch.Generator(rt.device).manual_seed(subseed(cfg.seed, "ppo/rollout", step))
+    gen = torch.Generator(rt.device).manual_seed(subseed(cfg.seed, stream("ppo/rollout", rt), step))
     sampling = SamplingConfig(
         max_new_tokens=cfg.max_new_tokens, temperature=1.0, top_k=0, top_p=1.0
     )
@@ -531,29 +576,35 @@ def ppo_step(
     beta = kl.value
     rewards, kl_tok = token_rewards(roll.score, roll.logp, roll.ref_logp, roll.mask, beta)
     adv, roll.returns = gae(rewards, roll.values, roll.mask, cfg.gamma, cfg.lam)
-    roll.advantages = whiten(adv, roll.mask)
+    roll.advantages = whiten_over_ranks(adv, roll.mask)
     rt.synchronize()
     t2 = time.perf_counter()
     stats = ppo_update(models, roll, opt, cfg, rt, step)
     rt.synchronize()
     t3 = time.perf_counter()
-    seq_kl = float(kl_tok.sum(1).mean())
-    kl.update(seq_kl, len(r_ids))
+
+    # Every rank holds as many responses: means of the ranks' means are means over all of them.
+    def mean(v: float | torch.Tensor) -> float:
+        return float(mean_over_ranks(torch.as_tensor(v, dtype=torch.float32, device=rt.device)))
+
+    seq_kl = mean(kl_tok.sum(1).mean())
+    kl.update(seq_kl, cfg.batch_prompts)
     lens = roll.mask.sum(1).float()
     stopped = [bool(r) and r[-1] in (tok.end_id, tok.eos_id) for r in r_ids]
+    scores = cat_over_ranks(roll.score[None].float(), rt.device)[0]
     return {
         "step": step + 1,
-        "score": round(float(roll.score.mean()), 5),
-        "score_std": round(float(roll.score.std()), 5),
-        "reward": round(float(rewards.sum(1).mean()), 5),
+        "score": round(float(scores.mean()), 5),
+        "score_std": round(float(scores.std()), 5),
+        "reward": round(mean(rewards.sum(1).mean()), 5),
         "kl": round(seq_kl, 5),
         "kl_coef": round(beta, 6),
-        "entropy": round(float(masked_mean(roll.entropy, roll.mask)), 5),
-        "response_len": round(float(lens.mean()), 2),
-        "stopped": round(sum(stopped) / len(stopped), 3),
-        "value_mean": round(float(masked_mean(roll.values, roll.mask)), 5),
-        "explained_var": round(explained_variance(roll.values, roll.returns, roll.mask), 4),
-        **{k: round(v, 5) for k, v in stats.items()},
+        "entropy": round(mean(masked_mean(roll.entropy, roll.mask)), 5),
+        "response_len": round(mean(lens.mean()), 2),
+        "stopped": round(mean(sum(stopped) / len(stopped)), 3),
+        "value_mean": round(mean(masked_mean(roll.values, roll.mask)), 5),
+        "explained_var": round(mean(explained_variance(roll.values, roll.returns, roll.mask)), 4),
+        **{k: round(mean(v), 5) for k, v in stats.items()},
         "time_gen": round(t1 - t0, 3),
         "time_score": round(t2 - t1, 3),
         "time_opt": round(t3 - t2, 3),
@@ -563,8 +614,8 @@ def ppo_step(
 # -- run ------------------------------------------------------------------------------------------
 
 
-def _trainer_state(cfg: PPOConfig, step: int, kl: KLController) -> dict[str, Any]:
-    return {"step": step, "kl_coef": kl.value, "config": to_dict(cfg)}
+def _trainer_state(cfg: PPOConfig, step: int, kl: KLController, rt: Runtime) -> dict[str, Any]:
+    return {"step": step, "kl_coef": kl.value, "config": to_dict(cfg), "world_size": rt.world_size}
 
 
 def _resume(
@@ -586,6 +637,14 @@ def _resume(
         raise ConfigError(
             f"--resume with different settings than the run being resumed: {', '.join(diff)}",
             f"pass the original flags (they are in {ckpt / 'trainer_state.json'})",
+        )
+    ranks = int(state.get("world_size", 1))
+    if ranks != rt.world_size:  # each rank samples its own stream: another count, another path
+        raise ConfigError(
+            f"--resume on {rt.world_size} process(es): the run was saved on {ranks}",
+            f"resume it on {ranks} (torchrun --nproc_per_node {ranks})"
+            if ranks > 1
+            else "resume it in one process (without torchrun)",
         )
     models.policy.load_state_dict(loaded.model.state_dict())
     try:
@@ -616,13 +675,22 @@ def run(
     """
     dst = Path(dst)
     rt = runtime or Runtime.detect(cfg.device, cfg.precision)
-    if rt.world_size > 1:
-        # TODO: DDP for policy and critic, rollouts per rank on its own prompts, advantages
-        # whitened over all ranks (issue 8); until then several processes would train copies.
-        raise ConfigError(
-            f"ppo runs in one process for now, but {rt.world_size} were started (torchrun)",
-            "run it without torchrun: llmctl ppo PROMPTS --init SFT --reward-model RM -o OUT",
-        )
+    mode = "none"
+    if rt.world_size > 1:  # --parallel given, and --batch-prompts split evenly into minibatches
+        mode, _ = plan_ranks(cfg.parallel, cfg.batch_prompts, cfg.minibatch, rt, "responses")
+    progress = progress if rt.is_main else SILENT
+    return on_ranks(dst, rt, lambda: _run(dst, cfg, rt, mode == "ddp", force, resume, progress))
+
+
+def _run(
+    dst: Path,
+    cfg: PPOConfig,
+    rt: Runtime,
+    ddp: bool,
+    force: bool,
+    resume: bool,
+    progress: Progress,
+) -> Manifest:
     torch.manual_seed(cfg.seed)
     models = _load_models(cfg, rt)  # every input is checked before anything is written
     prompts, src = load_prompts(cfg.prompts)
@@ -643,6 +711,9 @@ def run(
     start = 0
     if resume:
         start, kl.value = _resume(run_dir, cfg, models, opt, rt)
+    if ddp:  # the replicas start from rank 0's weights (DDP broadcasts them)
+        models.train_policy = wrap(ResponseLogprobs(models.policy), "ddp", rt)
+        models.train_critic = wrap(models.critic, "ddp", rt)
     with run_output(
         dst, rt, "ppo", config=to_dict(cfg), inputs=inputs, force=force, resume=resume, start=start
     ) as out:
@@ -652,6 +723,8 @@ def run(
             save_file(models.critic.tensors(), str(d / CRITIC_FILE))
 
         def save(done: int) -> None:
+            if not rt.is_main:  # the replicas are identical: rank 0 writes
+                return
             m = Manifest(
                 kind="checkpoint",
                 stage="ppo",
@@ -665,7 +738,7 @@ def run(
                 models.tokenizer,
                 optimizer=opt,
                 manifest=m,
-                trainer_state=_trainer_state(cfg, done, kl),
+                trainer_state=_trainer_state(cfg, done, kl, rt),
                 extra_files=write_state,
             )
             for old in sorted((out.path / "checkpoints").glob("step-*"))[: -cfg.keep_checkpoints]:
@@ -673,12 +746,14 @@ def run(
 
         t0 = time.perf_counter()
         last = _loop(models, prompts, enc, opt, kl, cfg, rt, start, save, metrics, progress)
+        if not rt.is_main:
+            return out.manifest
         write_checkpoint_files(
             out.path,
             models.policy,
             models.tokenizer,
             optimizer=opt,
-            trainer_state=_trainer_state(cfg, cfg.steps, kl),
+            trainer_state=_trainer_state(cfg, cfg.steps, kl, rt),
         )
         write_state(out.path)
         out.manifest.tokenizer = {
@@ -715,13 +790,16 @@ def _loop(
     t_start = time.perf_counter()
     progress.start("ppo", cfg.steps - start, "steps")
     try:
-        with open(metrics, "a", encoding="utf-8") as log:
+        # Rank 0 logs; the records already hold means over ranks.
+        logging = open(metrics, "a", encoding="utf-8") if rt.is_main else contextlib.nullcontext()  # noqa: SIM115
+        with logging as log:
             for step in range(start, cfg.steps):
                 rec = ppo_step(models, prompts, enc, opt, kl, cfg, rt, step)
                 rec["time"] = round(time.perf_counter() - t_start, 3)
                 completed = step + 1
-                log.write(json_line(rec))
-                log.flush()
+                if log is not None:
+                    log.write(json_line(rec))
+                    log.flush()
                 progress.advance(
                     1,
                     score=rec["score"],

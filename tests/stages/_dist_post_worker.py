@@ -10,8 +10,10 @@ group they did not create alone):
     OUT/rm-fsdp     rm, FSDP (the blocks, then the reward model with its head as the root)
     OUT/dpo-fsdp    dpo, FSDP
     OUT/dpo-ddp     dpo, DDP, through the CLI
+    OUT/ppo-ddp     ppo, DDP, 2 steps, through the CLI; OUT/ppo-resume resumes from its step 1
+    OUT/whiten.json whiten_over_ranks against whiten of both ranks' rows together
 
-JSON: {"sft": SFTConfig fields, "rm": RMConfig fields, "dpo": DPOConfig fields}, without `parallel`.
+JSON: {"sft": SFTConfig fields, "rm": ..., "dpo": ..., "ppo": ...}, without `parallel`.
 """
 
 from __future__ import annotations
@@ -21,19 +23,21 @@ import shutil
 import sys
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 from llmctl.core.artifacts import partial_path
-from llmctl.stages import dpo, rm, sft
+from llmctl.core.ppo import whiten, whiten_over_ranks
+from llmctl.stages import dpo, ppo, rm, sft
 
 
-def cli(command: str, out: Path, cfg: dict, parallel: str) -> None:
-    """Run `llmctl COMMAND DATA -o OUT --parallel P --key value ...` in this process."""
+def cli(command: str, out: Path, cfg: dict, parallel: str, first: str = "data") -> None:
+    """Run `llmctl COMMAND cfg[first] -o OUT --parallel P --key value ...` in this process."""
     from llmctl.cli import app
 
-    flags = [cfg["data"], "-o", str(out), "--parallel", parallel]
+    flags = [cfg[first], "-o", str(out), "--parallel", parallel]
     for k, v in cfg.items():
-        if k != "data":
+        if k != first:
             flags += [f"--{k.replace('_', '-')}", str(v)]
     app(["--quiet", command, *flags], standalone_mode=False)
 
@@ -56,6 +60,23 @@ def main(out: Path, cfgs: dict[str, dict]) -> None:
     rm.run(out / "rm-fsdp", rm.RMConfig(**cfgs["rm"], parallel="fsdp"))
     dpo.run(out / "dpo-fsdp", dpo.DPOConfig(**cfgs["dpo"], parallel="fsdp"))
     cli("dpo", out / "dpo-ddp", cfgs["dpo"], "ddp")
+    cli("ppo", out / "ppo-ddp", cfgs["ppo"], "ddp", first="prompts")
+    resume_from(out / "ppo-ddp", 1, out / "ppo-resume")
+    ppo.run(out / "ppo-resume", ppo.PPOConfig(**cfgs["ppo"], parallel="ddp"), resume=True)
+    check_whitening(out / "whiten.json")
+
+
+def check_whitening(path: Path) -> None:
+    """Rank 0 writes the largest difference between whitening each rank's rows over both ranks
+    and whitening all rows in one tensor."""
+    g = torch.Generator().manual_seed(0)
+    x, mask = torch.randn(2, 3, 5, generator=g), torch.rand(2, 3, 5, generator=g) > 0.3
+    mine = whiten_over_ranks(x[dist.get_rank()], mask[dist.get_rank()])
+    whole = whiten(x.flatten(0, 1), mask.flatten(0, 1)).view(2, 3, 5)[dist.get_rank()]
+    diff = torch.tensor(float((mine - whole).abs().max()))
+    dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+    if dist.get_rank() == 0:
+        path.write_text(json.dumps({"max_diff": float(diff)}))
 
 
 if __name__ == "__main__":

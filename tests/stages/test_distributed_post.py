@@ -1,6 +1,7 @@
 """sft, rm and dpo on 2 processes (torchrun, gloo on CPU): DDP and FSDP reproduce the single-process
 run with the same global batch (losses, held-out metrics, final weights); a 2-rank run resumes; the
-settings that cannot work are refused with the fix.
+settings that cannot work are refused with the fix. ppo under DDP (each rank samples its own
+prompts, so no one-process twin): it trains, resumes on the same path, and whitens over both ranks.
 
 One torchrun launch in all (each costs 10-20 s of start-up here): `_dist_post_worker.py` runs every
 multi-process case in it while this process trains the single-process references.
@@ -45,6 +46,18 @@ COMMON = {
 }
 SFT = {**COMMON, "seq_len": 64, "lr": 1e-2, "grad_clip": 0.5, "val_fraction": 0.1}
 PAIRS = {**COMMON, "lr": 1e-3, "val_fraction": 0.2, "max_len": 64}
+# 4 prompts per step, 2 on each rank, one response per optimizer step on each; checkpoints each step.
+PPO = {
+    "steps": 2,
+    "batch_prompts": 4,
+    "minibatch": 1,
+    "ppo_epochs": 1,
+    "max_new_tokens": 8,
+    "lr": 1e-4,
+    "save_every": 1,
+    "device": "cpu",
+    "precision": "fp32",
+}
 TWO_RANKS = Runtime(torch.device("cpu"), "fp32", rank=0, world_size=2)
 
 pytestmark = pytest.mark.skipif(not TORCHRUN.is_file(), reason="torchrun not installed")
@@ -64,6 +77,16 @@ def chat_data(path: Path) -> Path:
     return path
 
 
+def rl_inputs(out: Path) -> tuple[str, str]:
+    """A prompts file and a rule reward (answer length) for ppo."""
+    prompts = out / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"say {i}"}) + "\n" for i in range(8)))
+    (out / "rewards.py").write_text(
+        "def length(prompt, response, row):\n    return len(response) / 10\n"
+    )
+    return str(prompts), f"{out / 'rewards.py'}:length"
+
+
 @dataclass
 class Runs:
     out: Path
@@ -80,10 +103,12 @@ def runs(tmp_path_factory: pytest.TempPathFactory, tokens_dir: Path) -> Runs:
     out = tmp_path_factory.mktemp("dist-post")
     base = str(base_checkpoint(out / "base", tokens_dir))
     chat, prefs = str(chat_data(out / "chat.jsonl")), str(marker_pairs(out / "prefs.jsonl", n=48))
+    prompts, reward = rl_inputs(out)
     cfgs = {
         "sft": {"data": chat, "init": base, **SFT},
         "rm": {"data": prefs, "init": base, **PAIRS},
         "dpo": {"data": prefs, "init": base, **PAIRS},
+        "ppo": {"prompts": prompts, "init": base, "reward": reward, **PPO},
     }
     env = {**os.environ, "OMP_NUM_THREADS": "1", "LLMCTL_DIST_TIMEOUT": "60"}
     launch = subprocess.Popen(
@@ -193,7 +218,22 @@ def test_lora_with_fsdp_is_refused() -> None:
     assert "--parallel ddp" in e.value.hint
 
 
-def test_ppo_is_single_process_for_now(tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_ppo_on_two_ranks_trains_and_resumes_the_same_path(runs: Runs) -> None:
+    full, resumed = records(runs / "ppo-ddp"), records(runs / "ppo-resume")
+    assert sorted(full) == [1, 2]
+    assert sorted(resumed) == [2]
+    for k in ("score", "kl", "pg_loss", "vf_loss", "grad_norm", "response_len"):
+        assert abs(full[2][k] - resumed[2][k]) < 1e-4, (k, full[2], resumed[2])
+    assert json.loads((runs / "ppo-ddp" / "trainer_state.json").read_text())["world_size"] == 2
+    assert load_checkpoint(runs / "ppo-ddp").model_config.n_layers == 2
+    # Advantages are whitened over both ranks' responses, as one batch would be.
+    assert json.loads((runs / "whiten.json").read_text())["max_diff"] < 1e-6
+
+
+def test_ppo_needs_ddp_with_several_processes(tmp_path: Path) -> None:
     cfg = ppo.PPOConfig(prompts="unused", init="unused", reward_model="unused")
-    with pytest.raises(ConfigError, match="ppo runs in one process for now, but 2 were started"):
+    with pytest.raises(ConfigError, match="2 processes but --parallel none"):
         ppo.run(tmp_path / "out", cfg, runtime=TWO_RANKS)
+    with pytest.raises(ConfigError, match="--parallel must be none or ddp for ppo"):
+        ppo.PPOConfig(prompts="p", init="i", reward_model="r", parallel="fsdp")  # type: ignore[arg-type]
