@@ -712,6 +712,9 @@ def _run(
     if resume:
         start, kl.value = _resume(run_dir, cfg, models, opt, rt)
     if ddp:  # the replicas start from rank 0's weights (DDP broadcasts them)
+        # The critic reads hidden states, never its own LM head: DDP must not wait for a gradient
+        # of an untied one (a tied one is the embedding, which it uses).
+        models.critic.body.lm_head.requires_grad_(models.critic.body.cfg.tie_embeddings)
         models.train_policy = wrap(ResponseLogprobs(models.policy), "ddp", rt)
         models.train_critic = wrap(models.critic, "ddp", rt)
     with run_output(

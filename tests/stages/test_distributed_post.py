@@ -22,9 +22,10 @@ import torch
 from pairs_fixtures import base_checkpoint, marker_pairs
 
 from llmctl.core.artifacts import partial_path
-from llmctl.core.checkpoint import load_checkpoint
+from llmctl.core.checkpoint import load_checkpoint, save_checkpoint
 from llmctl.core.errors import ConfigError
 from llmctl.core.heads import load_reward_model
+from llmctl.core.model import Transformer
 from llmctl.core.runtime import Runtime
 from llmctl.core.train_loop import read_metrics
 from llmctl.stages import dpo, ppo, rm, sft
@@ -77,6 +78,13 @@ def chat_data(path: Path) -> Path:
     return path
 
 
+def untied(base: Path, out: Path) -> str:
+    """`base` with an untied LM head (the critic's then goes unused: DDP must not wait for it)."""
+    ck = load_checkpoint(base)
+    model = Transformer(ck.model_config.replace(tie_embeddings=False))
+    return str(save_checkpoint(out, model, ck.tokenizer))
+
+
 def rl_inputs(out: Path) -> tuple[str, str]:
     """A prompts file and a rule reward (answer length) for ppo."""
     prompts = out / "prompts.jsonl"
@@ -108,7 +116,12 @@ def runs(tmp_path_factory: pytest.TempPathFactory, tokens_dir: Path) -> Runs:
         "sft": {"data": chat, "init": base, **SFT},
         "rm": {"data": prefs, "init": base, **PAIRS},
         "dpo": {"data": prefs, "init": base, **PAIRS},
-        "ppo": {"prompts": prompts, "init": base, "reward": reward, **PPO},
+        "ppo": {
+            "prompts": prompts,
+            "init": untied(Path(base), out / "untied"),
+            "reward": reward,
+            **PPO,
+        },
     }
     env = {**os.environ, "OMP_NUM_THREADS": "1", "LLMCTL_DIST_TIMEOUT": "60"}
     launch = subprocess.Popen(
