@@ -71,6 +71,10 @@ class RewardModel(nn.Module):
         self.backbone = backbone
         self.head = head if head is not None else ScalarHead(backbone.cfg.d_model)
         self.head.to(backbone.embed.weight.device)
+        # The reward reads hidden states, never the LM head: an untied one is frozen (it would get
+        # no gradient anyway, and DDP would wait for one). A tied one is the embedding, which trains.
+        if not backbone.cfg.tie_embeddings:
+            backbone.lm_head.requires_grad_(False)
 
     @property
     def cfg(self) -> ModelConfig:

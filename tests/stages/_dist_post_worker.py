@@ -8,6 +8,7 @@ group they did not create alone):
     OUT/sft-fsdp    sft, FSDP; OUT/sft-resume resumes from its step-2 checkpoint
     OUT/lora-ddp    sft with LoRA adapters, DDP
     OUT/rm-fsdp     rm, FSDP (the blocks, then the reward model with its head as the root)
+    OUT/rm-ddp      rm, DDP, through the CLI
     OUT/dpo-fsdp    dpo, FSDP
     OUT/dpo-ddp     dpo, DDP, through the CLI
     OUT/ppo-ddp     ppo, DDP, 2 steps, through the CLI; OUT/ppo-resume resumes from its step 1
@@ -58,6 +59,7 @@ def main(out: Path, cfgs: dict[str, dict]) -> None:
     sft.run(out / "sft-resume", fsdp, resume=True)
     sft.run(out / "lora-ddp", sft.SFTConfig(**cfgs["sft"], lora_rank=4, parallel="ddp"))
     rm.run(out / "rm-fsdp", rm.RMConfig(**cfgs["rm"], parallel="fsdp"))
+    cli("rm", out / "rm-ddp", cfgs["rm"], "ddp")
     dpo.run(out / "dpo-fsdp", dpo.DPOConfig(**cfgs["dpo"], parallel="fsdp"))
     cli("dpo", out / "dpo-ddp", cfgs["dpo"], "ddp")
     cli("ppo", out / "ppo-ddp", cfgs["ppo"], "ddp", first="prompts")

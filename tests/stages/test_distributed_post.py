@@ -112,16 +112,12 @@ def runs(tmp_path_factory: pytest.TempPathFactory, tokens_dir: Path) -> Runs:
     base = str(base_checkpoint(out / "base", tokens_dir))
     chat, prefs = str(chat_data(out / "chat.jsonl")), str(marker_pairs(out / "prefs.jsonl", n=48))
     prompts, reward = rl_inputs(out)
+    base_untied = untied(Path(base), out / "untied")  # rm and ppo read hidden states only
     cfgs = {
         "sft": {"data": chat, "init": base, **SFT},
-        "rm": {"data": prefs, "init": base, **PAIRS},
+        "rm": {"data": prefs, "init": base_untied, **PAIRS},
         "dpo": {"data": prefs, "init": base, **PAIRS},
-        "ppo": {
-            "prompts": prompts,
-            "init": untied(Path(base), out / "untied"),
-            "reward": reward,
-            **PPO,
-        },
+        "ppo": {"prompts": prompts, "init": base_untied, "reward": reward, **PPO},
     }
     env = {**os.environ, "OMP_NUM_THREADS": "1", "LLMCTL_DIST_TIMEOUT": "60"}
     launch = subprocess.Popen(
@@ -165,7 +161,7 @@ def assert_same_trace(ref: Path, par: Path, steps: list[int]) -> None:
 
 @pytest.mark.slow  # one torchrun launch: sft DDP, FSDP and LoRA, rm FSDP, dpo FSDP and DDP, a resume
 @pytest.mark.parametrize(
-    "run", ["sft-ddp", "sft-fsdp", "lora-ddp", "rm-fsdp", "dpo-fsdp", "dpo-ddp"]
+    "run", ["sft-ddp", "sft-fsdp", "lora-ddp", "rm-fsdp", "rm-ddp", "dpo-fsdp", "dpo-ddp"]
 )
 def test_two_ranks_match_one_process(runs: Runs, run: str) -> None:
     ref = runs / f"{run.split('-')[0]}-ref"
