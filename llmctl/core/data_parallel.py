@@ -1,4 +1,5 @@
-"""Data parallelism for the fine-tuning stages (sft, rm, dpo): the plumbing pretrain does inline.
+"""Data parallelism for the post-training stages (sft, rm, dpo; ppo, DDP only): the plumbing
+pretrain does inline.
 
 Under `torchrun --nproc_per_node N -m llmctl sft|rm|dpo ... --parallel ddp|fsdp` every rank runs
 the whole stage. Each micro-step of an optimizer step draws `micro_batch x N` rows (or pairs) in
@@ -12,7 +13,8 @@ held-out row on every rank: under FSDP each forward is a collective, so all rank
 same calls, and the numbers come out the same everywhere.
 
 Checkpoints are the one-file format, gathered from the shards under FSDP, and record the world
-size: a run resumes as long as micro-batch x ranks stays the same (`check_resume_rows`).
+size: a run resumes as long as micro-batch x ranks stays the same (`check_resume_rows`). ppo uses
+the rank share, the writer and `cat_over_ranks` for its own loop (stages/ppo.py).
 """
 
 from __future__ import annotations
