@@ -198,14 +198,20 @@ BAD_FILES = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(BAD_FILES))
-def test_load_refuses_a_bad_file_and_keeps_the_history(
-    loaded: object, tmp_path: Path, name: str
-) -> None:
+def bad_file(tmp_path: Path, name: str) -> tuple[Path, str]:
+    """Write BAD_FILES[name] (nothing for "missing"); (its path, the expected error text)."""
     text, message = BAD_FILES[name]
     path = tmp_path / f"{name}.json"
     if text is not None:
         path.write_text(text, encoding="utf-8")
+    return path, message
+
+
+@pytest.mark.parametrize("name", sorted(BAD_FILES))
+def test_load_refuses_a_bad_file_and_keeps_the_history(
+    loaded: object, tmp_path: Path, name: str
+) -> None:
+    path, message = bad_file(tmp_path, name)
     s = session(loaded, system="sys")
     reply(s, "Hi")
     before = list(s.messages)
@@ -240,10 +246,7 @@ def test_chat_cli_load_resumes_from_piped_stdin(
 def test_chat_cli_load_bad_file_is_one_error_line(
     base_ckpt: Path, tmp_path: Path, name: str
 ) -> None:
-    text, message = BAD_FILES[name]
-    path = tmp_path / f"{name}.json"
-    if text is not None:
-        path.write_text(text, encoding="utf-8")
+    path, message = bad_file(tmp_path, name)
     r = runner.invoke(app, ["chat", str(base_ckpt), "--load", str(path)], input="Hi\n")
     assert r.exit_code == 2
     assert r.stdout == ""
