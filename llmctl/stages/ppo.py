@@ -585,7 +585,9 @@ def ppo_step(
 
     # Every rank holds as many responses: means of the ranks' means are means over all of them.
     def mean(v: float | torch.Tensor) -> float:
-        return float(mean_over_ranks(torch.as_tensor(v, dtype=torch.float32, device=rt.device)))
+        if rt.world_size == 1:
+            return float(v)
+        return float(mean_over_ranks(torch.as_tensor(v, dtype=torch.float64, device=rt.device)))
 
     seq_kl = mean(kl_tok.sum(1).mean())
     kl.update(seq_kl, cfg.batch_prompts)
