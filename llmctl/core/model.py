@@ -429,6 +429,17 @@ class Transformer(nn.Module):
             raise ValueError(
                 f"sequence of {start + T} tokens exceeds max_seq_len {self.cfg.max_seq_len}"
             )
+        if (
+            T == 1
+            and cache is not None
+            and positions is None
+            and attn_mask is None
+            and targets is None
+            and not torch.is_grad_enabled()
+            and self._plain()
+        ):
+            x = self._decode_one(ids, cache)
+            return x if hidden else self.lm_head(x)
         if positions is None:
             cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]
         else:
@@ -446,6 +457,47 @@ class Transformer(nn.Module):
         if targets is not None:
             return linear_cross_entropy(x, self.lm_head.weight, targets)
         return x if hidden else self.lm_head(x)
+
+    def _plain(self) -> bool:
+        """Every block as built (fused projections, plain nn.Linear: no adapter or TP split)."""
+        return all(
+            type(layer.attn._modules.get("wqkv")) is nn.Linear
+            and type(layer.attn.wo) is nn.Linear
+            and type(layer.mlp._modules.get("w13")) is nn.Linear
+            and type(layer.mlp.w2) is nn.Linear
+            and type(layer) is Block
+            for layer in self.layers
+        )
+
+    def _decode_one(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One new token per row against the cache: the blocks' own arithmetic, op for op (the
+        same results), without the module calls and reshapes a general forward needs. Decoding
+        at batch 1 is a few dozen small ops per block, so their count is the cost; see
+        `forward`, which sends (B, 1) ids with a cache and no mask or positions here."""
+        cfg, pos = self.cfg, cache.pos
+        B, H, KV, hd = ids.shape[0], cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        # cos/sin (1, 1, hd) broadcast over (B, 1, heads, hd), as in Attention.forward
+        c, s = self.rope_cos[pos : pos + 1, None], self.rope_sin[pos : pos + 1, None]
+        x = self.embed(ids)
+        for i, layer in enumerate(self.layers):
+            attn, mlp = layer.attn, layer.mlp
+            h = layer.attn_norm(x)
+            qkv = F.linear(h, attn.wqkv.weight).view(B, 1, H + 2 * KV, hd)
+            qk = apply_rope(qkv[:, :, : H + KV], c, s)
+            kc, vc = cache.k[i], cache.v[i]
+            kc[:, :, pos] = qk[:, 0, H:]
+            vc[:, :, pos] = qkv[:, 0, H + KV :]
+            y = F.scaled_dot_product_attention(
+                qk[:, :, :H].transpose(1, 2),
+                kc[:, :, : pos + 1],
+                vc[:, :, : pos + 1],
+                enable_gqa=KV != H,
+            )  # one query may see every cached position: no mask
+            x = x + F.linear(y.transpose(1, 2).reshape(B, 1, H * hd), attn.wo.weight)
+            gate, up = F.linear(layer.mlp_norm(x), mlp.w13.weight).split(cfg.d_ff, dim=-1)
+            x = x + F.linear(F.silu(gate) * up, mlp.w2.weight)
+        cache.pos += 1
+        return self.norm(x)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """The LM head on final hidden states (..., d_model) -> (..., vocab_size), for decoding

@@ -407,3 +407,22 @@ def test_rope_gradient_is_the_textbook_one() -> None:
     half = cfg.head_dim // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     torch.testing.assert_close(apply_rope(x, cos, sin), x * cos + rotated * sin)
+
+
+def test_one_token_decoding_fast_path_equals_the_general_forward() -> None:
+    """(B, 1) ids with a cache take `_decode_one`; explicit positions take the general path: the
+    hidden states, logits and cache contents are the same, bit for bit."""
+    cfg = _cfg(n_kv_heads=2)
+    model = _model(cfg).eval()
+    ids = _ids(cfg, 2, 9)
+    with torch.no_grad():
+        fast, slow = model.new_cache(2, 16), model.new_cache(2, 16)
+        model(ids[:, :6], cache=fast)
+        model(ids[:, :6], cache=slow)
+        for t in range(6, 9):
+            pos = torch.full((2, 1), t)
+            a = model(ids[:, t : t + 1], cache=fast)
+            b = model(ids[:, t : t + 1], cache=slow, positions=pos)
+            assert torch.equal(a, b)
+        assert fast.pos == slow.pos == 9
+        assert all(torch.equal(x, y) for x, y in zip(fast.k + fast.v, slow.k + slow.v, strict=True))
