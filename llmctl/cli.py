@@ -1471,8 +1471,9 @@ def ppo(
     parallel: Annotated[
         str | None,
         typer.Option(
-            help="Under torchrun: ddp (policy and critic replicated; each rank samples its share "
-            "of --batch-prompts; --minibatch is per rank); none alone."
+            help="Under torchrun: ddp (policy and critic replicated) or fsdp (sharded; rollouts "
+            "decode in lockstep); each rank samples its share of --batch-prompts and --minibatch "
+            "is per rank; none alone."
         ),
     ] = None,
     resume: Annotated[
@@ -1489,7 +1490,7 @@ def ppo(
     on policy and critic. metrics.jsonl logs score, KL, entropy, clip fraction, value loss,
     response length and the generation / scoring / optimisation seconds. The output is a plain
     checkpoint: `llmctl generate OUT "question" --chat` talks to it.
-    Several processes: torchrun --nproc_per_node N -m llmctl ppo ... --parallel ddp.
+    Several processes: torchrun --nproc_per_node N -m llmctl ppo ... --parallel ddp|fsdp.
     """
     from llmctl.core.distributed import is_main_process
     from llmctl.stages import ppo as stage

@@ -1,5 +1,5 @@
-"""Data parallelism for the post-training stages (sft, rm, dpo; ppo, DDP only): the plumbing
-pretrain does inline.
+"""Data parallelism for the post-training stages (sft, rm, dpo, ppo): the plumbing pretrain does
+inline.
 
 Under `torchrun --nproc_per_node N -m llmctl sft|rm|dpo ... --parallel ddp|fsdp` every rank runs
 the whole stage. Each micro-step of an optimizer step draws `micro_batch x N` rows (or pairs) in
@@ -14,7 +14,8 @@ same calls, and the numbers come out the same everywhere.
 
 Checkpoints are the one-file format, gathered from the shards under FSDP, and record the world
 size: a run resumes as long as micro-batch x ranks stays the same (`check_resume_rows`). ppo uses
-the rank share, the writer and `cat_over_ranks` for its own loop (stages/ppo.py).
+the rank share, the writer, `cat_over_ranks` and, to keep FSDP's decoding in lockstep, `every_rank`
+for its own loop (stages/ppo.py).
 """
 
 from __future__ import annotations
@@ -79,6 +80,16 @@ def cat_over_ranks(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, t)
     return torch.cat(parts, dim=-1).cpu()
+
+
+def every_rank(flag: bool, device: torch.device) -> bool:
+    """Whether `flag` holds on every rank (itself in one process). Collective: every rank calls it;
+    `device` as in `cat_over_ranks`."""
+    if not active():
+        return flag
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
 
 
 def reshard(module: nn.Module) -> None:

@@ -6,12 +6,21 @@ decodes exactly as it would alone. (Every query may also attend to itself, so a 
 fully masked; a fully masked row would turn into NaN and leak through 0 * NaN.) Prefill runs the
 prompt once; each later step feeds one token per row. Equal-length batches take the mask-free path,
 where SDPA can use its flash kernel.
+
+Lockstep decoding (`all_finished`, opt-in): under FSDP every forward is a collective, so processes
+that decode their own rows must make the same number of forward calls. Given a function that says
+whether every process's rows have stopped (an all-reduce), a process whose rows have all stopped
+keeps stepping (yielding only None) until all have. Its own rows' tokens are the same either way.
+Lockstep decoding runs under `no_grad` instead of `inference_mode`: FSDP keeps its gathered
+parameters and buffers between forwards, and tensors first made in inference mode could not be
+written by the training forwards that follow.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -59,7 +68,6 @@ def pick(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-@torch.inference_mode()
 def stream(
     model: Transformer,
     prompts: Sequence[Sequence[int]],
@@ -68,6 +76,7 @@ def stream(
     stop_ids: Sequence[int] = (),
     generator: torch.Generator | None = None,
     pad_id: int = 0,
+    all_finished: Callable[[bool], bool] | None = None,
 ) -> Iterator[list[int | None]]:
     """Yield, at each step, the new token of every row (None once a row has stopped).
 
@@ -80,7 +89,34 @@ def stream(
         stop_ids: Ids that end a row (EOS, end-of-turn).
         generator: Seeded torch.Generator on the model's device, for reproducible sampling.
         pad_id: Id used for left padding (never attended to).
+        all_finished: Lockstep with other processes (see the module docstring): called once per
+            step with "this process's rows have all stopped", returns whether every process's
+            have; decoding ends when it says so. Every process must have the same step budget,
+            min(max_new_tokens, context - longest prompt), which the caller ensures.
     """
+    args = (model, prompts, cfg, stop_ids, generator, pad_id, all_finished)
+    return _decode_no_grad(*args) if all_finished is not None else _decode_inference(*args)
+
+
+@torch.inference_mode()
+def _decode_inference(*args: Any) -> Iterator[list[int | None]]:
+    yield from _decode(*args)
+
+
+@torch.no_grad()
+def _decode_no_grad(*args: Any) -> Iterator[list[int | None]]:
+    yield from _decode(*args)
+
+
+def _decode(
+    model: Transformer,
+    prompts: Sequence[Sequence[int]],
+    cfg: SamplingConfig,
+    stop_ids: Sequence[int],
+    generator: torch.Generator | None,
+    pad_id: int,
+    all_finished: Callable[[bool], bool] | None,
+) -> Iterator[list[int | None]]:
     require(
         len(prompts) > 0 and all(len(p) > 0 for p in prompts),
         "every prompt needs at least one token",
@@ -117,8 +153,11 @@ def stream(
         yield [None if d else t for t, d in zip(toks, done, strict=True)]
         if stops:
             done = [d or t in stops for t, d in zip(toks, done, strict=True)]
-            if all(done):
-                return
+        finished = bool(stops) and all(done)
+        if all_finished is not None:  # one collective per step on every process
+            finished = all_finished(finished)
+        if finished:
+            return
         if step == steps - 1:
             return
         if ragged:
@@ -143,10 +182,20 @@ def generate(
     stop_ids: Sequence[int] = (),
     generator: torch.Generator | None = None,
     pad_id: int = 0,
+    all_finished: Callable[[bool], bool] | None = None,
 ) -> list[list[int]]:
-    """Batched generation; returns each row's new tokens (the stop token included if hit)."""
+    """Batched generation; returns each row's new tokens (the stop token included if hit).
+    Arguments as in `stream`."""
     outs: list[list[int]] = [[] for _ in prompts]
-    for step in stream(model, prompts, cfg, stop_ids=stop_ids, generator=generator, pad_id=pad_id):
+    for step in stream(
+        model,
+        prompts,
+        cfg,
+        stop_ids=stop_ids,
+        generator=generator,
+        pad_id=pad_id,
+        all_finished=all_finished,
+    ):
         for i, t in enumerate(step):
             if t is not None:
                 outs[i].append(t)

@@ -30,13 +30,19 @@ of the policy (`llmctl generate` loads it) plus, as trainer state, the optimizer
 the critic (`trainer_state.critic.safetensors`). `--resume` continues from the newest one: prompts,
 sampling seeds and minibatch orders are pure functions of (seed, step), so it follows the same path.
 
-Several processes (`torchrun ... -m llmctl ppo ... --parallel ddp`): policy and critic are DDP
-replicas; each rank samples and scores its own share of every step's prompts (`--batch-prompts`
-global, its own sampling stream) and runs `--minibatch` of its responses per optimizer step (so
-`--minibatch` is per rank), with gradients averaged over ranks. Advantages are whitened over all
-ranks' responses, the KL controller sees the mean KL over all of them, and the logged numbers are
-means over ranks. Rank 0 writes. FSDP is not offered: sampling runs a different number of forward
-passes on each rank, which FSDP's collectives cannot follow.
+Several processes (`torchrun ... -m llmctl ppo ... --parallel ddp|fsdp`): policy and critic are
+DDP replicas, or FSDP2 shards (ZeRO-3); each rank samples and scores its own share of every step's
+prompts (`--batch-prompts` global, its own sampling stream) and runs `--minibatch` of its responses
+per optimizer step (so `--minibatch` is per rank), with gradients averaged over ranks. Advantages are
+whitened over all ranks' responses, the KL controller sees the mean KL over all of them, and the
+logged numbers are means over ranks. Rank 0 writes. Under FSDP every forward of policy or critic is
+a collective, so every rank must make the same calls: decoding runs in lockstep (a rank whose
+responses have all stopped keeps stepping until every rank's have, `sampling.stream`'s
+`all_finished`), and scoring and the update run the same number of chunks and minibatches on every
+rank (every rank holds `--batch-prompts / ranks` responses). The frozen reference and a reward
+model are not sharded: every rank holds a whole copy. Checkpoints are gathered from the shards into
+the one-process format. DDP and FSDP runs take the same path, and resume on as many processes as
+they were saved on.
 """
 
 from __future__ import annotations
@@ -68,23 +74,33 @@ from llmctl.core.checkpoint import (
     load_checkpoint,
     load_trainer_state,
     model_state,
+    read_optimizer_state,
     save_checkpoint,
     write_checkpoint_files,
 )
 from llmctl.core.config import require, to_dict
 from llmctl.core.data_parallel import (
     cat_over_ranks,
+    every_rank,
     on_ranks,
     plan_ranks,
     rank_share,
+    reshard,
     run_output,
 )
 from llmctl.core.distributed import mean_over_ranks
 from llmctl.core.errors import ConfigError, InputError, LlmctlError, TrainingError
 from llmctl.core.heads import ScalarHead, load_reward_model, pad_right
-from llmctl.core.model import Transformer
+from llmctl.core.model import ModelConfig, Transformer
 from llmctl.core.optim import make_adamw
-from llmctl.core.parallel import wrap
+from llmctl.core.parallel import (
+    Parallel,
+    clip_grad_norm,
+    full_model_state,
+    full_optimizer_state,
+    load_optimizer_state,
+    wrap,
+)
 from llmctl.core.ppo import (
     KLController,
     explained_variance,
@@ -157,7 +173,9 @@ class PPOConfig:
     keep_checkpoints: int = 2  # newest intermediate checkpoints kept
     device: str = "auto"  # auto, cpu, cuda, cuda:1, mps
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto = bf16 where supported
-    parallel: Literal["none", "ddp"] = "none"  # with several processes (torchrun): ddp = replicate
+    parallel: Literal["none", "ddp", "fsdp"] = (
+        "none"  # with several processes (torchrun): ddp = replicate, fsdp = shard (ZeRO-3)
+    )
     seed: int = 0  # prompt choice, sampling and minibatch order
 
     def __post_init__(self) -> None:
@@ -193,9 +211,8 @@ class PPOConfig:
         )
         require(self.kl_horizon >= 1, f"--kl-horizon must be >= 1, got {self.kl_horizon}")
         require(
-            self.parallel in ("none", "ddp"),
-            f"--parallel must be none or ddp for ppo, got {self.parallel!r} (sampling runs a "
-            "different number of forward passes on each rank, which FSDP cannot follow)",
+            self.parallel in ("none", "ddp", "fsdp"),
+            f"--parallel must be none, ddp or fsdp, got {self.parallel!r}",
         )
         require(0 < self.gamma <= 1, f"--gamma must be in (0, 1], got {self.gamma}")
         require(0 <= self.lam <= 1, f"--lam must be in [0, 1], got {self.lam}")
@@ -290,14 +307,32 @@ class Critic(nn.Module):
         self.body = body
         self.head = ScalarHead(body.cfg.d_model).to(body.embed.weight.device)
 
+    @property
+    def cfg(self) -> ModelConfig:
+        """The backbone's architecture."""
+        return self.body.cfg
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        """The backbone's blocks: `parallel.wrap` shards each under FSDP, then the critic (the
+        embedding, final norm and both heads) as the root."""
+        return self.body.layers
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """(B, T) ids -> (B, T) fp32 values."""
         return self.head(self.body(ids, hidden=True))
 
-    def tensors(self) -> dict[str, torch.Tensor]:
-        """The critic as stored (a tied LM head once, as in model checkpoints)."""
-        sd = {f"body.{k}": v.cpu() for k, v in model_state(self.body).items()}
-        return sd | {f"head.{k}": v for k, v in self.head.tensors().items()}
+    def tensors(self, full: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """The critic as stored (a tied LM head once, as in model checkpoints); from `full`, its
+        state dict gathered from FSDP shards (`parallel.full_model_state`), when given."""
+        if full is None:
+            sd = {f"body.{k}": v.cpu() for k, v in model_state(self.body).items()}
+            return sd | {f"head.{k}": v for k, v in self.head.tensors().items()}
+        tied = self.body.cfg.tie_embeddings
+        sd = {k: v for k, v in full.items() if k.startswith("body.")}
+        if tied:
+            sd.pop("body.lm_head.weight", None)
+        return sd | {"head.weight": full["head.proj.weight"], "head.bias": full["head.proj.bias"]}
 
     def load_tensors(self, t: dict[str, torch.Tensor]) -> None:
         """Inverse of `tensors`."""
@@ -319,6 +354,8 @@ class _Models:
     # What the update's forward passes run through: DDP wrappers under --parallel ddp.
     train_policy: nn.Module | None = None
     train_critic: nn.Module | None = None
+    # Under FSDP: policy and critic are sharded, and decoding steps in lockstep over ranks.
+    sharded: bool = False
 
 
 def _load_models(cfg: PPOConfig, rt: Runtime) -> _Models:
@@ -522,7 +559,7 @@ def ppo_update(
             vf, vst = value_loss(values, roll.values[mb], roll.returns[mb], mask, cfg.vf_clip)
             loss = pg + cfg.vf_coef * vf
             loss.backward()
-            norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+            norm = clip_grad_norm(params, clip)  # DTensor gradients under FSDP
             if not (math.isfinite(float(loss.detach())) and math.isfinite(norm)):
                 raise TrainingError(
                     f"PPO loss became {float(loss.detach())} (grad norm {norm}) at step {step + 1}",
@@ -569,6 +606,8 @@ def ppo_step(
             stop_ids=(tok.end_id, tok.eos_id),
             generator=gen,
             pad_id=tok.pad_id,
+            # FSDP: every forward is a collective, so every rank decodes until all are done.
+            all_finished=(lambda done: every_rank(done, rt.device)) if models.sharded else None,
         )
     rt.synchronize()
     t1 = time.perf_counter()
@@ -620,9 +659,50 @@ def _trainer_state(cfg: PPOConfig, step: int, kl: KLController, rt: Runtime) -> 
     return {"step": step, "kl_coef": kl.value, "config": to_dict(cfg), "world_size": rt.world_size}
 
 
-def _resume(
-    run_dir: Path, cfg: PPOConfig, models: _Models, opt: torch.optim.Optimizer, rt: Runtime
-) -> tuple[int, float]:
+def _replicate(models: _Models, rt: Runtime) -> None:
+    """DDP replicas of policy and critic; they start from rank 0's weights (DDP broadcasts them).
+    The reference and a reward model stay whole, unwrapped copies on every rank (as under FSDP)."""
+    models.train_policy = wrap(ResponseLogprobs(models.policy), "ddp", rt)
+    models.train_critic = wrap(models.critic, "ddp", rt)
+
+
+def _shard(models: _Models, rt: Runtime) -> None:
+    """FSDP2 over policy and critic, in place: each block, then the model as the root. The policy
+    is its own root because decoding calls it and its `logits` directly; the update reads its LM
+    head after its forward, while the root's parameters are still gathered (FSDP keeps a root's
+    until backward).
+
+    The frozen reference and a reward model stay whole copies on every rank: they hold no
+    gradients or optimizer state, and their forwards are local (no collectives to keep in step),
+    at the cost of two unsharded models' weights per rank."""
+    wrap(models.policy, "fsdp", rt)
+    wrap(models.critic, "fsdp", rt)
+    models.sharded = True
+
+
+def _checkpoint_state(
+    models: _Models, opt: torch.optim.Optimizer, rt: Runtime
+) -> dict[str, Any] | None:
+    """What a checkpoint stores: the policy's weights (None: the model's own), the optimizer state
+    and the critic's tensors. Under FSDP gathered from the shards, a collective every rank calls.
+    None on ranks other than 0, which write nothing."""
+    if not models.sharded:
+        if not rt.is_main:
+            return None
+        return {"weights": None, "optimizer": opt, "critic": models.critic.tensors()}
+    for m in (models.policy, models.critic):  # the optimizer's shards, not gathered copies
+        reshard(m)
+    weights = full_model_state(models.policy)
+    optimizer = full_optimizer_state(nn.ModuleList([models.policy, models.critic]), opt)
+    critic = full_model_state(models.critic)
+    if not rt.is_main:
+        return None
+    return {"weights": weights, "optimizer": optimizer, "critic": models.critic.tensors(critic)}
+
+
+def _resume(run_dir: Path, cfg: PPOConfig, models: _Models, rt: Runtime) -> tuple[int, float, Path]:
+    """Check the run being resumed and load its weights into the unwrapped policy and critic (the
+    optimizer is loaded once they are wrapped). Returns (step, beta, checkpoint)."""
     ckpt = latest_checkpoint(run_dir) if run_dir.is_dir() else None
     if ckpt is None:
         raise InputError(
@@ -631,7 +711,7 @@ def _resume(
     loaded = load_checkpoint(ckpt, device=rt.device, tokenizer=models.tokenizer)
     if loaded.model.cfg != models.policy.cfg:
         raise ConfigError(f"{ckpt} has a different model shape than --init", "resume with --init")
-    state = load_trainer_state(ckpt, opt)
+    state = load_trainer_state(ckpt, None)
     saved = state.get("config", {})
     names = {f.name for f in fields(PPOConfig)}
     diff = [k for k in TRAJECTORY if k in names and k in saved and to_dict(cfg)[k] != saved[k]]
@@ -656,7 +736,7 @@ def _resume(
             f"{ckpt / CRITIC_FILE} is missing or corrupt ({type(e).__name__})",
             "resume from an earlier checkpoint or start again without --resume",
         ) from None
-    return int(state["step"]), float(state["kl_coef"])
+    return int(state["step"]), float(state["kl_coef"]), ckpt
 
 
 def run(
@@ -677,18 +757,18 @@ def run(
     """
     dst = Path(dst)
     rt = runtime or Runtime.detect(cfg.device, cfg.precision)
-    mode = "none"
+    mode: Parallel = "none"
     if rt.world_size > 1:  # --parallel given, and --batch-prompts split evenly into minibatches
         mode, _ = plan_ranks(cfg.parallel, cfg.batch_prompts, cfg.minibatch, rt, "responses")
     progress = progress if rt.is_main else SILENT
-    return on_ranks(dst, rt, lambda: _run(dst, cfg, rt, mode == "ddp", force, resume, progress))
+    return on_ranks(dst, rt, lambda: _run(dst, cfg, rt, mode, force, resume, progress))
 
 
 def _run(
     dst: Path,
     cfg: PPOConfig,
     rt: Runtime,
-    ddp: bool,
+    mode: Parallel,
     force: bool,
     resume: bool,
     progress: Progress,
@@ -705,30 +785,35 @@ def _run(
         )
     enc = encode_prompts(models.tokenizer, prompts, ctx - cfg.max_new_tokens)
     inputs = [input_record(cfg.prompts, "prompts"), *models.inputs]
-    opt = make_adamw(
-        nn.ModuleList([models.policy, models.critic]), cfg.lr, cfg.weight_decay, (0.9, 0.95)
-    )
     kl = KLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)
     run_dir = partial_path(dst)
-    start = 0
-    if resume:
-        start, kl.value = _resume(run_dir, cfg, models, opt, rt)
-    if ddp:  # the replicas start from rank 0's weights (DDP broadcasts them)
+    start, ckpt = 0, None
+    if resume:  # the weights go into the whole models, before they are wrapped
+        start, kl.value, ckpt = _resume(run_dir, cfg, models, rt)
+    both = nn.ModuleList([models.policy, models.critic])
+    if mode == "fsdp":
+        _shard(models, rt)
+    opt = make_adamw(both, cfg.lr, cfg.weight_decay, (0.9, 0.95))  # FSDP: over the shards
+    if mode != "none":
         # The critic reads hidden states, never its own LM head: DDP must not wait for a gradient
-        # of an untied one (a tied one is the embedding, which it uses).
+        # of an untied one, nor a resume look for its (never made) FSDP optimizer state. A tied
+        # one is the embedding, which it uses. Frozen after the optimizer is made, which holds
+        # the parameters one process's does, so checkpoints index them alike.
         models.critic.body.lm_head.requires_grad_(models.critic.body.cfg.tie_embeddings)
-        models.train_policy = wrap(ResponseLogprobs(models.policy), "ddp", rt)
-        models.train_critic = wrap(models.critic, "ddp", rt)
+    if ckpt is not None and models.sharded:
+        load_optimizer_state(both, opt, read_optimizer_state(ckpt) or {})
+    elif ckpt is not None:
+        load_trainer_state(ckpt, opt)
+    if mode == "ddp":
+        _replicate(models, rt)
     with run_output(
         dst, rt, "ppo", config=to_dict(cfg), inputs=inputs, force=force, resume=resume, start=start
     ) as out:
         metrics = out.path / "metrics.jsonl"
 
-        def write_state(d: Path) -> None:
-            save_file(models.critic.tensors(), str(d / CRITIC_FILE))
-
         def save(done: int) -> None:
-            if not rt.is_main:  # the replicas are identical: rank 0 writes
+            state = _checkpoint_state(models, opt, rt)  # under FSDP a gather on every rank
+            if state is None:  # rank 0 writes
                 return
             m = Manifest(
                 kind="checkpoint",
@@ -741,26 +826,29 @@ def _run(
                 out.path / "checkpoints" / f"step-{done:07d}",
                 models.policy,
                 models.tokenizer,
-                optimizer=opt,
+                optimizer=state["optimizer"],
+                weights=state["weights"],
                 manifest=m,
                 trainer_state=_trainer_state(cfg, done, kl, rt),
-                extra_files=write_state,
+                extra_files=lambda d: save_file(state["critic"], str(d / CRITIC_FILE)),
             )
             for old in sorted((out.path / "checkpoints").glob("step-*"))[: -cfg.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
 
         t0 = time.perf_counter()
         last = _loop(models, prompts, enc, opt, kl, cfg, rt, start, save, metrics, progress)
-        if not rt.is_main:
+        state = _checkpoint_state(models, opt, rt)
+        if state is None:
             return out.manifest
         write_checkpoint_files(
             out.path,
             models.policy,
             models.tokenizer,
-            optimizer=opt,
+            optimizer=state["optimizer"],
+            weights=state["weights"],
             trainer_state=_trainer_state(cfg, cfg.steps, kl, rt),
         )
-        write_state(out.path)
+        save_file(state["critic"], str(out.path / CRITIC_FILE))
         out.manifest.tokenizer = {
             "fingerprint": models.tokenizer.fingerprint,
             "vocab_size": models.tokenizer.vocab_size,

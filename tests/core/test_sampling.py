@@ -88,6 +88,39 @@ def test_stream_yields_none_once_a_row_stops(model: Transformer) -> None:
     assert all(s[0] is None for s in steps[1:])
 
 
+def test_lockstep_decoding_keeps_stepping_until_every_process_is_done(model: Transformer) -> None:
+    # A stand-in for the all-reduce: "the other process" finishes only after `others` steps.
+    prompts = _prompts()
+    free = generate(model, prompts, GREEDY)
+    stop = free[0][0]
+    alone = list(stream(model, prompts, GREEDY, stop_ids=[stop]))
+    forwards = 0
+
+    def count(module: torch.nn.Module, args: tuple) -> None:
+        nonlocal forwards
+        forwards += 1
+
+    for others in (0, GREEDY.max_new_tokens):
+        asked: list[bool] = []
+
+        def all_finished(mine: bool, others: int = others, asked: list = asked) -> bool:
+            asked.append(mine)
+            return mine and len(asked) > others
+
+        forwards = 0
+        hook = model.register_forward_pre_hook(count)
+        steps = list(stream(model, prompts, GREEDY, stop_ids=[stop], all_finished=all_finished))
+        hook.remove()
+        assert steps[: len(alone)] == alone  # this process's tokens do not change
+        assert all(s == [None] * len(prompts) for s in steps[len(alone) :])
+        assert len(steps) == (len(alone) if others == 0 else GREEDY.max_new_tokens)
+        assert forwards == len(steps)  # one prefill, then a forward per later step
+        assert len(asked) == len(steps)  # asked once per step, on every step
+    assert generate(model, prompts, GREEDY, stop_ids=[stop], all_finished=bool) == [
+        [t for t in row if t is not None] for row in zip(*alone, strict=True)
+    ]
+
+
 def test_top_k_1_equals_greedy(model: Transformer) -> None:
     prompts = _prompts()
     cfg = SamplingConfig(temperature=1.3, top_k=1, top_p=1.0, max_new_tokens=12)

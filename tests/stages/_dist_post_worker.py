@@ -12,6 +12,7 @@ group they did not create alone):
     OUT/dpo-fsdp    dpo, FSDP
     OUT/dpo-ddp     dpo, DDP, through the CLI
     OUT/ppo-ddp     ppo, DDP, 2 steps, through the CLI; OUT/ppo-resume resumes from its step 1
+    OUT/ppo-fsdp    ppo, FSDP, the same 2 steps; OUT/ppo-fsdp-resume resumes from its step 1
     OUT/whiten.json whiten_over_ranks against whiten of both ranks' rows together
 
 JSON: {"sft": SFTConfig fields, "rm": ..., "dpo": ..., "ppo": ...}, without `parallel`.
@@ -65,6 +66,10 @@ def main(out: Path, cfgs: dict[str, dict]) -> None:
     cli("ppo", out / "ppo-ddp", cfgs["ppo"], "ddp", first="prompts")
     resume_from(out / "ppo-ddp", 1, out / "ppo-resume")
     ppo.run(out / "ppo-resume", ppo.PPOConfig(**cfgs["ppo"], parallel="ddp"), resume=True)
+    sharded = ppo.PPOConfig(**cfgs["ppo"], parallel="fsdp")
+    ppo.run(out / "ppo-fsdp", sharded)
+    resume_from(out / "ppo-fsdp", 1, out / "ppo-fsdp-resume")
+    ppo.run(out / "ppo-fsdp-resume", sharded, resume=True)
     check_whitening(out / "whiten.json")
 
 

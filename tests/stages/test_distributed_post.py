@@ -1,7 +1,8 @@
 """sft, rm and dpo on 2 processes (torchrun, gloo on CPU): DDP and FSDP reproduce the single-process
 run with the same global batch (losses, held-out metrics, final weights); a 2-rank run resumes; the
-settings that cannot work are refused with the fix. ppo under DDP (each rank samples its own
-prompts, so no one-process twin): it trains, resumes on the same path, and whitens over both ranks.
+settings that cannot work are refused with the fix. ppo under DDP and FSDP (each rank samples its
+own prompts, so no one-process twin): both train the same path, whose responses stop at different
+steps on each rank (FSDP decodes in lockstep), resume on it, and whiten over both ranks.
 
 One torchrun launch in all (each costs 10-20 s of start-up here): `_dist_post_worker.py` runs every
 multi-process case in it while this process trains the single-process references.
@@ -20,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 from pairs_fixtures import base_checkpoint, marker_pairs
+from safetensors.torch import load_file
 
 from llmctl.core.artifacts import partial_path
 from llmctl.core.checkpoint import load_checkpoint, save_checkpoint
@@ -85,6 +87,20 @@ def untied(base: Path, out: Path) -> str:
     return str(save_checkpoint(out, model, ck.tokenizer))
 
 
+def stopping(base: Path, out: Path) -> str:
+    """`base` made to end its answers at random steps: the final norm keeps one feature, whose
+    value (about N(0, 1) at each position) times 8 is <|end|>'s logit; every other logit is about 0.
+    Responses then stop after a few tokens, at different steps on each rank."""
+    ck = load_checkpoint(base)
+    model, end = ck.model, ck.tokenizer.end_id
+    with torch.no_grad():
+        model.norm.weight.zero_()
+        model.norm.weight[0] = 1.0
+        model.lm_head.weight[end].zero_()
+        model.lm_head.weight[end, 0] = 8.0
+    return str(save_checkpoint(out, model, ck.tokenizer))
+
+
 def rl_inputs(out: Path) -> tuple[str, str]:
     """A prompts file and a rule reward (answer length) for ppo."""
     prompts = out / "prompts.jsonl"
@@ -113,11 +129,12 @@ def runs(tmp_path_factory: pytest.TempPathFactory, tokens_dir: Path) -> Runs:
     chat, prefs = str(chat_data(out / "chat.jsonl")), str(marker_pairs(out / "prefs.jsonl", n=48))
     prompts, reward = rl_inputs(out)
     base_untied = untied(Path(base), out / "untied")  # rm and ppo read hidden states only
+    base_stopping = stopping(Path(base_untied), out / "stopping")
     cfgs = {
         "sft": {"data": chat, "init": base, **SFT},
         "rm": {"data": prefs, "init": base_untied, **PAIRS},
         "dpo": {"data": prefs, "init": base, **PAIRS},
-        "ppo": {"prompts": prompts, "init": base_untied, "reward": reward, **PPO},
+        "ppo": {"prompts": prompts, "init": base_stopping, "reward": reward, **PPO},
     }
     env = {**os.environ, "OMP_NUM_THREADS": "1", "LLMCTL_DIST_TIMEOUT": "60"}
     launch = subprocess.Popen(
@@ -227,22 +244,47 @@ def test_lora_with_fsdp_is_refused() -> None:
     assert "--parallel ddp" in e.value.hint
 
 
+PPO_METRICS = ("score", "kl", "pg_loss", "vf_loss", "grad_norm", "response_len", "stopped")
+
+
 @pytest.mark.slow
-def test_ppo_on_two_ranks_trains_and_resumes_the_same_path(runs: Runs) -> None:
-    full, resumed = records(runs / "ppo-ddp"), records(runs / "ppo-resume")
+@pytest.mark.parametrize("run", ["ppo-ddp", "ppo-fsdp"])
+def test_ppo_on_two_ranks_trains_and_resumes_the_same_path(runs: Runs, run: str) -> None:
+    full = records(runs / run)
+    resumed = records(runs / ("ppo-resume" if run == "ppo-ddp" else f"{run}-resume"))
     assert sorted(full) == [1, 2]
     assert sorted(resumed) == [2]
-    for k in ("score", "kl", "pg_loss", "vf_loss", "grad_norm", "response_len"):
+    for k in PPO_METRICS:
         assert abs(full[2][k] - resumed[2][k]) < 1e-4, (k, full[2], resumed[2])
-    assert json.loads((runs / "ppo-ddp" / "trainer_state.json").read_text())["world_size"] == 2
-    assert load_checkpoint(runs / "ppo-ddp").model_config.n_layers == 2
+    assert json.loads((runs / run / "trainer_state.json").read_text())["world_size"] == 2
+    assert load_checkpoint(runs / run).model_config.n_layers == 2
+    assert (runs / run / ppo.CRITIC_FILE).is_file()
     # Advantages are whitened over both ranks' responses, as one batch would be.
     assert json.loads((runs / "whiten.json").read_text())["max_diff"] < 1e-6
 
 
-def test_ppo_needs_ddp_with_several_processes(tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_ppo_fsdp_takes_the_ddp_path_with_responses_stopping_early(runs: Runs) -> None:
+    ddp, fsdp = records(runs / "ppo-ddp"), records(runs / "ppo-fsdp")
+    # More than half of the 4 answers end before --max-new-tokens, but not all: both of one rank's
+    # end while an answer of the other runs to the limit, so the ranks' rollouts end at different
+    # steps (FSDP's lockstep decoding keeps the first rank stepping, and must not change them).
+    assert 0.5 < ddp[1]["stopped"] < 1
+    assert ddp[1]["response_len"] < PPO["max_new_tokens"]
+    for step in (1, 2):
+        for k in PPO_METRICS:
+            assert abs(ddp[step][k] - fsdp[step][k]) < 1e-4, (step, k, ddp[step], fsdp[step])
+    # The gathered checkpoint: the policy's weights and the critic as one process writes them.
+    a, b = load_checkpoint(runs / "ppo-ddp").model, load_checkpoint(runs / "ppo-fsdp").model
+    sa, sb = a.state_dict(), b.state_dict()
+    assert all(torch.allclose(sa[k], sb[k], atol=1e-5) for k in sa)
+    ca = load_file(str(runs / "ppo-ddp" / ppo.CRITIC_FILE))
+    cb = load_file(str(runs / "ppo-fsdp" / ppo.CRITIC_FILE))
+    assert ca.keys() == cb.keys()
+    assert all(torch.allclose(ca[k], cb[k], atol=1e-5) for k in ca)
+
+
+def test_ppo_needs_a_parallel_mode_with_several_processes(tmp_path: Path) -> None:
     cfg = ppo.PPOConfig(prompts="unused", init="unused", reward_model="unused")
     with pytest.raises(ConfigError, match="2 processes but --parallel none"):
         ppo.run(tmp_path / "out", cfg, runtime=TWO_RANKS)
-    with pytest.raises(ConfigError, match="--parallel must be none or ddp for ppo"):
-        ppo.PPOConfig(prompts="p", init="i", reward_model="r", parallel="fsdp")  # type: ignore[arg-type]
