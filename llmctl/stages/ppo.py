@@ -39,8 +39,8 @@ logged numbers are means over ranks. Rank 0 writes. Under FSDP every forward of 
 a collective, so every rank must make the same calls: decoding runs in lockstep (a rank whose
 responses have all stopped keeps stepping until every rank's have, `sampling.stream`'s
 `all_finished`), and scoring and the update run the same number of chunks and minibatches on every
-rank (every rank holds `--batch-prompts / ranks` responses). The frozen reference and a reward
-model are not sharded: every rank holds a whole copy. Checkpoints are gathered from the shards into
+rank (every rank holds `--batch-prompts / ranks` responses). The frozen reference is sharded too;
+a reward model is not (every rank holds a whole copy). Checkpoints are gathered from the shards into
 the one-process format. DDP and FSDP runs take the same path, and resume on as many processes as
 they were saved on.
 """
@@ -354,7 +354,7 @@ class _Models:
     # What the update's forward passes run through: DDP wrappers under --parallel ddp.
     train_policy: nn.Module | None = None
     train_critic: nn.Module | None = None
-    # Under FSDP: policy and critic are sharded, and decoding steps in lockstep over ranks.
+    # Under FSDP: policy, critic and reference are sharded, and decoding steps in lockstep.
     sharded: bool = False
 
 
@@ -612,6 +612,7 @@ def ppo_step(
     rt.synchronize()
     t1 = time.perf_counter()
     roll = score_rollout(models, batch, p_ids, r_ids, rt, cfg.minibatch)
+    reshard(models.ref)  # FSDP: free the gathered root until the next step's scoring
     beta = kl.value
     rewards, kl_tok = token_rewards(roll.score, roll.logp, roll.ref_logp, roll.mask, beta)
     adv, roll.returns = gae(rewards, roll.values, roll.mask, cfg.gamma, cfg.lam)
@@ -667,16 +668,16 @@ def _replicate(models: _Models, rt: Runtime) -> None:
 
 
 def _shard(models: _Models, rt: Runtime) -> None:
-    """FSDP2 over policy and critic, in place: each block, then the model as the root. The policy
-    is its own root because decoding calls it and its `logits` directly; the update reads its LM
-    head after its forward, while the root's parameters are still gathered (FSDP keeps a root's
-    until backward).
-
-    The frozen reference and a reward model stay whole copies on every rank: they hold no
-    gradients or optimizer state, and their forwards are local (no collectives to keep in step),
-    at the cost of two unsharded models' weights per rank."""
+    """FSDP2 over policy, critic and reference, in place: each block, then the model as the root.
+    The policy is its own root because decoding calls it and its `logits` directly; the update
+    reads its LM head after its forward, while the root's parameters are still gathered (FSDP
+    keeps a root's until backward or `reshard`). The reference is sharded like the policy, so that
+    under bf16 both compute with the same gathered bf16 weights (the KL starts at 0, as in one
+    process) and its weights cost 1/N per rank. A reward model stays a whole copy on every rank:
+    its forward is local (no collective to keep in step)."""
     wrap(models.policy, "fsdp", rt)
     wrap(models.critic, "fsdp", rt)
+    wrap(models.ref, "fsdp", rt)
     models.sharded = True
 
 

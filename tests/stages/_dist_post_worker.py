@@ -12,7 +12,8 @@ group they did not create alone):
     OUT/dpo-fsdp    dpo, FSDP
     OUT/dpo-ddp     dpo, DDP, through the CLI
     OUT/ppo-ddp     ppo, DDP, 2 steps, through the CLI; OUT/ppo-resume resumes from its step 1
-    OUT/ppo-fsdp    ppo, FSDP, the same 2 steps; OUT/ppo-fsdp-resume resumes from its step 1
+    OUT/ppo-fsdp    ppo, FSDP, the same 2 steps; OUT/ppo-fsdp-resume resumes from its step 1;
+                    OUT/ppo-fsdp-bf16 one step under bf16
     OUT/whiten.json whiten_over_ranks against whiten of both ranks' rows together
 
 JSON: {"sft": SFTConfig fields, "rm": ..., "dpo": ..., "ppo": ...}, without `parallel`.
@@ -70,6 +71,8 @@ def main(out: Path, cfgs: dict[str, dict]) -> None:
     ppo.run(out / "ppo-fsdp", sharded)
     resume_from(out / "ppo-fsdp", 1, out / "ppo-fsdp-resume")
     ppo.run(out / "ppo-fsdp-resume", sharded, resume=True)
+    bf16 = {**cfgs["ppo"], "steps": 1, "save_every": 0, "precision": "bf16"}
+    ppo.run(out / "ppo-fsdp-bf16", ppo.PPOConfig(**bf16, parallel="fsdp"))
     check_whitening(out / "whiten.json")
 
 

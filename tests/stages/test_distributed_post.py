@@ -282,6 +282,9 @@ def test_ppo_fsdp_takes_the_ddp_path_with_responses_stopping_early(runs: Runs) -
     cb = load_file(str(runs / "ppo-fsdp" / ppo.CRITIC_FILE))
     assert ca.keys() == cb.keys()
     assert all(torch.allclose(ca[k], cb[k], atol=1e-5) for k in ca)
+    # Under bf16 the sharded reference computes with the policy's gathered bf16 weights: the first
+    # step's KL is 0, as in one process (with a whole reference under autocast it was not).
+    assert records(runs / "ppo-fsdp-bf16")[1]["kl"] == 0.0
 
 
 def test_ppo_needs_a_parallel_mode_with_several_processes(tmp_path: Path) -> None:
