@@ -459,7 +459,9 @@ class Transformer(nn.Module):
         return x if hidden else self.lm_head(x)
 
     def _plain(self) -> bool:
-        """Every block as built (fused projections, plain nn.Linear: no adapter or TP split)."""
+        """Every block as built: fused projections and plain nn.Linear (no adapter, no TP split),
+        and the Block class itself (FSDP swaps it for a subclass whose hooks gather the weights,
+        which `_decode_one`, reading them directly, would bypass)."""
         return all(
             type(layer.attn._modules.get("wqkv")) is nn.Linear
             and type(layer.attn.wo) is nn.Linear
