@@ -278,13 +278,18 @@ def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> float:
         n = torch.nn.utils.get_total_norm([p.grad for p in ps], 2.0)
         squares.append(float(n.full_tensor() if hasattr(n, "full_tensor") else n) ** 2)
     total = math.sqrt(sum(squares))
-    # As torch computes it; a Python scalar multiplies plain tensors and DTensors alike.
+    scale_to_norm([p for ps in groups.values() for p in ps], max_norm, total)
+    return total
+
+
+def scale_to_norm(params: list[torch.Tensor], max_norm: float, total: float) -> None:
+    """Scale gradients whose global norm is `total` down to `max_norm` (as torch computes the
+    factor; a Python scalar multiplies plain tensors and DTensors alike)."""
     coef = min(1.0, max_norm / (total + 1e-6))
     if coef < 1.0:
-        for ps in groups.values():
-            for p in ps:
+        for p in params:
+            if p.grad is not None:
                 p.grad.mul_(coef)
-    return total
 
 
 def grad_sync(model: nn.Module, sync: bool) -> contextlib.AbstractContextManager:

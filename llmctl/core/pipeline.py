@@ -35,6 +35,8 @@ from torch import nn
 
 from llmctl.core.losses import linear_cross_entropy
 from llmctl.core.model import Transformer
+from llmctl.core.optim import param_groups
+from llmctl.core.parallel import checkpoint_activations, scale_to_norm
 
 PPSchedule = Literal["gpipe", "1f1b"]
 
@@ -97,8 +99,6 @@ class Pipeline:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
-        from llmctl.core.parallel import checkpoint_activations
-
         self.pp, self.rank = pp, rank
         # Ranks form a (dp, pp) mesh: rank = replica x pp + stage. Each replica is one pipeline;
         # the same stage of every replica averages its gradients over the dp dimension.
@@ -108,16 +108,13 @@ class Pipeline:
         self.pp_group = mesh["pp"].get_group()
         self.dp_group = mesh["dp"].get_group() if self.dp > 1 else None
         self.last_rank = self.replica * pp + pp - 1  # this pipeline's last stage (global rank)
-        # The whole model's parameter order (the optimizer's, in one process) and group of each.
-        seen: set[int] = set()
-        self.order: list[str] = []
-        decay, no_decay = [], []
-        for n, p in model.named_parameters():
-            if id(p) not in seen:
-                seen.add(id(p))
-                (decay if p.ndim >= 2 else no_decay).append(n)
-        self.order = decay + no_decay
-        self.group_sizes = [len(decay), len(no_decay)]
+        # The whole model's parameter order (the optimizer's, in one process) and group sizes.
+        names = {
+            id(p): n for n, p in reversed(list(model.named_parameters(remove_duplicate=False)))
+        }
+        groups = param_groups(model, 0.0)
+        self.order = [names[id(p)] for g in groups for p in g["params"]]
+        self.group_sizes = [len(g["params"]) for g in groups]
         if checkpointing:
             checkpoint_activations(model)
         self.stage = Stage(model, index, pp)
@@ -199,11 +196,7 @@ class Pipeline:
         sq = (local.float() ** 2).reshape(1)
         dist.all_reduce(sq, group=self.pp_group)  # replicas hold equal (averaged) gradients
         total = math.sqrt(float(sq))
-        coef = min(1.0, max_norm / (total + 1e-6))
-        if coef < 1.0:
-            for p in params:
-                if p.grad is not None:
-                    p.grad.mul_(coef)
+        scale_to_norm(params, max_norm, total)
         return total
 
     # -- state, gathered on rank 0 ------------------------------------------------------------

@@ -22,7 +22,6 @@ takes the largest micro-batch whose estimated memory fits the device (core/sizin
 
 from __future__ import annotations
 
-import contextlib
 import math
 import shutil
 import time
@@ -36,8 +35,6 @@ import torch.distributed as dist
 from llmctl.core import sizing
 from llmctl.core.artifacts import (
     Manifest,
-    Output,
-    commit_output,
     input_record,
     is_artifact,
     partial_path,
@@ -54,7 +51,8 @@ from llmctl.core.checkpoint import (
     write_checkpoint_files,
 )
 from llmctl.core.config import require, to_dict
-from llmctl.core.distributed import barrier, process_group
+from llmctl.core.data_parallel import on_ranks, run_output
+from llmctl.core.distributed import barrier
 from llmctl.core.errors import ConfigError, InputError
 from llmctl.core.model import (
     ModelConfig,
@@ -82,7 +80,7 @@ from llmctl.core.progress import SILENT, Progress
 from llmctl.core.runtime import Runtime
 from llmctl.core.tokenizer import Tokenizer
 from llmctl.core.tokens import IndexedDataset
-from llmctl.core.train_loop import Schedule, read_metrics, train, truncate_metrics
+from llmctl.core.train_loop import Schedule, read_metrics, train
 
 # Fields that change the trajectory: a resumed run must agree on these to reproduce the losses.
 TRAJECTORY = (
@@ -396,10 +394,11 @@ def run(
             f"{rt.world_size} processes but --parallel none: each would train its own copy",
             "pass --parallel ddp (replicated) or --parallel fsdp (sharded)",
         )
-    with process_group(rt):
-        m = _run(Path(dst), cfg, rt, force=force, resume=resume, progress=progress)
-        barrier()  # the other ranks return once rank 0 has renamed the output into place
-        return m if rt.is_main else Manifest.read(Path(dst))
+    return on_ranks(
+        Path(dst),
+        rt,
+        lambda: _run(Path(dst), cfg, rt, force=force, resume=resume, progress=progress),
+    )
 
 
 def _run(
@@ -477,26 +476,17 @@ def _run(
             pipe.load_optimizer_state(opt, read_optimizer_state(resumed_from))
         else:
             load_optimizer_state(model, opt, read_optimizer_state(resumed_from))
-    writing = (
-        commit_output(
-            dst,
-            kind="checkpoint",
-            stage="pretrain",
-            config=to_dict(cfg),
-            inputs=data.inputs,
-            force=force,
-            keep_partial_on_error=True,
-            fresh=not resume,
-        )
-        if rt.is_main
-        else contextlib.nullcontext(Output(run_dir, Manifest(kind="checkpoint", stage="pretrain")))
-    )
-    with writing as out:
+    with run_output(
+        dst,
+        rt,
+        "pretrain",
+        config=to_dict(cfg),
+        inputs=data.inputs,
+        force=force,
+        resume=resume,
+        start=start,
+    ) as out:
         metrics = out.path / "metrics.jsonl"
-        if rt.is_main:
-            (out.path / "checkpoints").mkdir(exist_ok=True)
-            if resume:
-                truncate_metrics(metrics, start)
         val_sets = [
             (name, w, val_windows(ds, cfg.seq_len, cfg.eval_rows)) for name, w, ds in data.val
         ]
