@@ -3,7 +3,8 @@
 Same shape and weights (copied through the hf_compat mapping), same prompts (random ids, equal
 length in a batch, so neither side pads), greedy decoding of exactly N new tokens with no stop
 token (HF: `do_sample=False, max_new_tokens=N, min_new_tokens=N` with its default dynamic KV
-cache). Each timed call is one whole generation (prefill + N steps), the two sides interleaved after
+cache). Ours runs as `llmctl generate` does: weights in `Transformer.inference_layout`
+(`--default-layout` to measure without it). Each timed call is one whole generation (prefill + N steps), the two sides interleaved after
 a warm-up; tokens/s = batch * N / median seconds. Both sides must produce the same greedy tokens
 (fp32, same weights): the script prints whether they match.
 
@@ -83,6 +84,11 @@ def main() -> None:
     p.add_argument(
         "--repeats", type=int, default=5, help="timed generations per side and batch size"
     )
+    p.add_argument(
+        "--default-layout",
+        action="store_true",
+        help="keep the training layout of the weights (no Transformer.inference_layout)",
+    )
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = p.parse_args()
     if args.threads:
@@ -107,6 +113,8 @@ def main() -> None:
     torch.manual_seed(0)
     ours = Transformer(cfg).eval()
     hf = _common.hf_llama_like(ours).eval()
+    if not args.default_layout:
+        ours.inference_layout()  # as `load_checkpoint(..., inference=True)` in generate/chat/serve
     hf.generation_config.eos_token_id = None  # no stop token on either side: exactly N new tokens
     hf.generation_config.bos_token_id = None
     hf.generation_config.pad_token_id = 0

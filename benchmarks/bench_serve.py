@@ -155,6 +155,7 @@ def main() -> None:
 
     tmp = tempfile.TemporaryDirectory(prefix="bench_serve-")
     save_checkpoint(Path(tmp.name) / "ckpt", model, tok)
+    model.inference_layout()  # the direct side decodes as the server's load_checkpoint has it
     server = Server(Path(tmp.name) / "ckpt", CONCURRENT, args.threads)
     per_token = Path(tmp.name) / "per_token.toml"
     per_token.write_text("[serve]\nstream_interval_ms = 0\n", encoding="utf-8")

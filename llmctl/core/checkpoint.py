@@ -248,6 +248,7 @@ def load_checkpoint(
     tokenizer: Tokenizer | None = None,
     *,
     trust_shards: bool = False,
+    inference: bool = False,
 ) -> Checkpoint:
     """Load a checkpoint's model (fp32, eval mode) and tokenizer.
 
@@ -258,6 +259,8 @@ def load_checkpoint(
         trust_shards: Read a sharded checkpoint's `shards/` (its DCP `.metadata` is a pickle, which
             unpickles arbitrary objects): only for checkpoints this run wrote itself (`--resume`),
             or when the user opts in with the environment variable LLMCTL_TRUST_SHARDS=1.
+        inference: Only to generate or score, not to train: lay the weights out for decoding
+            (`Transformer.inference_layout`; values unchanged).
 
     Raises:
         InputError: Any file missing, corrupt, truncated or inconsistent, or a tokenizer mismatch.
@@ -303,7 +306,10 @@ def load_checkpoint(
         raise InputError(
             f"{path / WEIGHTS} does not match its config.json: {' '.join(first[:2])[:300]}"
         ) from None
-    return Checkpoint(path, model.to(device).eval(), tok, cfg)
+    model = model.to(device).eval()
+    if inference:
+        model.inference_layout()
+    return Checkpoint(path, model, tok, cfg)
 
 
 def _load_shards(directory: Path, mcfg: ModelConfig) -> dict[str, torch.Tensor]:

@@ -64,7 +64,7 @@ def generate_text(ckpt: Path, prompt: str, *, chat: bool, max_new_tokens: int, s
     from llmctl.core.checkpoint import load_checkpoint
     from llmctl.core.sampling import SamplingConfig, generate
 
-    c = load_checkpoint(ckpt, device=torch.device("cpu"))
+    c = load_checkpoint(ckpt, device=torch.device("cpu"), inference=True)
     tok = c.tokenizer
     if chat:
         ids, _ = tok.render_chat([{"role": "user", "content": prompt}], add_generation_prompt=True)

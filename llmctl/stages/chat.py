@@ -289,7 +289,7 @@ def open_session(ckpt: Path, cfg: ChatConfig, *, load: Path | None = None) -> Ch
     """
     messages = read_conversation(load) if load is not None else None
     rt = Runtime.detect(cfg.device, "fp32")
-    c = load_checkpoint(ckpt, device=rt.device)
+    c = load_checkpoint(ckpt, device=rt.device, inference=True)
     session = ChatSession(c.model, c.tokenizer, cfg, device=str(rt.device))
     if messages is not None:
         session.resume(messages)

@@ -60,7 +60,7 @@ def run(ckpt: Path, prompt: str, cfg: GenerateConfig) -> Iterator[tuple[int, str
         InputError: The checkpoint is missing, incomplete or inconsistent.
     """
     rt = Runtime.detect(cfg.device, "fp32")
-    c = load_checkpoint(ckpt, device=rt.device)
+    c = load_checkpoint(ckpt, device=rt.device, inference=cfg.num_samples == 1)
     tok = c.tokenizer
     if cfg.chat:
         msgs = ([{"role": "system", "content": cfg.system}] if cfg.system else []) + [

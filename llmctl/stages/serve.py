@@ -388,7 +388,7 @@ def build_app(ckpt: Path, cfg: ServeConfig) -> Starlette:
         InputError: The checkpoint is missing, incomplete or inconsistent.
     """
     rt = Runtime.detect(cfg.device, "fp32")
-    c = load_checkpoint(ckpt, device=rt.device)
+    c = load_checkpoint(ckpt, device=rt.device, inference=True)
     return create_app(c.model, c.tokenizer, cfg, model_id=Path(ckpt).resolve().name)
 
 
