@@ -20,7 +20,7 @@ from llmctl.core.model import ModelConfig, Transformer
 from llmctl.core.progress import Silent
 from llmctl.core.tokenizer import Tokenizer, train_tokenizer
 from llmctl.core.train_loop import read_metrics
-from llmctl.stages import ppo
+from llmctl.stages import _ppo_step, ppo
 
 # A toy task with a checkable reward: the share of digits in the answer. A random-init policy
 # writes ~4% digits (20 of 512 ids decode to one); PPO has to find and raise them.
@@ -192,14 +192,14 @@ def test_rule_reward_errors_name_the_problem(tmp_path: Path, toy: dict[str, Path
         ppo.run(tmp_path / "o", config(toy, reward=f"{toy['reward']}:nope"))
     assert "digits" in (e.value.hint or "")
     with pytest.raises(ConfigError, match="not a function"):
-        ppo.load_reward_fn(f"{toy['reward']}:not_a_function")
+        _ppo_step.load_reward_fn(f"{toy['reward']}:not_a_function")
     with pytest.raises(ConfigError, match="cannot import module 'no_such_module_xyz'"):
-        ppo.load_reward_fn("no_such_module_xyz:fn")
+        _ppo_step.load_reward_fn("no_such_module_xyz:fn")
     with pytest.raises(ConfigError, match="module:function"):
-        ppo.load_reward_fn("just_a_name")
+        _ppo_step.load_reward_fn("just_a_name")
     with pytest.raises(ConfigError, match="does not exist"):
-        ppo.load_reward_fn(str(tmp_path / "missing.py") + ":fn")
-    assert ppo.load_reward_fn("os.path:join") is not None  # an importable module works too
+        _ppo_step.load_reward_fn(str(tmp_path / "missing.py") + ":fn")
+    assert _ppo_step.load_reward_fn("os.path:join") is not None  # an importable module works too
     assert not (tmp_path / "o").exists()
     assert not partial_path(tmp_path / "o").exists()
 
@@ -214,11 +214,11 @@ def test_config_requires_exactly_one_reward(toy: dict[str, Path]) -> None:
 
 
 def test_prompt_choice_is_a_function_of_seed_and_step() -> None:
-    a = ppo.pick_prompts(10, 4, seed=0, step=3)
-    assert a == ppo.pick_prompts(10, 4, seed=0, step=3)
-    assert a != ppo.pick_prompts(10, 4, seed=0, step=4)
+    a = _ppo_step.pick_prompts(10, 4, seed=0, step=3)
+    assert a == _ppo_step.pick_prompts(10, 4, seed=0, step=3)
+    assert a != _ppo_step.pick_prompts(10, 4, seed=0, step=4)
     assert len(set(a)) == 4
-    assert sorted(ppo.pick_prompts(3, 6, seed=1, step=0)) == [0, 0, 1, 1, 2, 2]
+    assert sorted(_ppo_step.pick_prompts(3, 6, seed=1, step=0)) == [0, 0, 1, 1, 2, 2]
 
 
 def test_response_logprobs_line_up_with_the_full_forward(toy: dict[str, Path]) -> None:
@@ -227,11 +227,11 @@ def test_response_logprobs_line_up_with_the_full_forward(toy: dict[str, Path]) -
     p = [tok.render_chat([{"role": "user", "content": t}], add_generation_prompt=True)[0]
          for t in ("hi", "a longer prompt here")]  # fmt: skip
     r = [[5, 6, tok.end_id], [7]]
-    ids, idx, tokens, mask = ppo.layout(p, r, tok.pad_id)
+    ids, idx, tokens, mask = _ppo_step.layout(p, r, tok.pad_id)
     assert mask.tolist() == [[True, True, True], [True, False, False]]
     assert ids[0, idx[0, 2] + 1] == tok.end_id
     with torch.no_grad():
-        logp, ent = ppo.response_logprobs(ck.model, ids, idx, tokens)
+        logp, ent = _ppo_step.response_logprobs(ck.model, ids, idx, tokens)
     for b in range(2):  # each row as if alone, unpadded
         full = torch.log_softmax(ck.model(torch.tensor([p[b] + r[b]])).detach().float(), -1)[0]
         for j, t in enumerate(r[b]):
