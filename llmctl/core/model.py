@@ -438,7 +438,11 @@ class Transformer(nn.Module):
         """
         B, T = ids.shape
         start = cache.pos if cache is not None else 0
-        if start + T > self.cfg.max_seq_len:
+        # With explicit positions the cache is a timeline of slots that may outgrow the context
+        # (core/slots.py); the positions themselves index the RoPE tables, which end there.
+        timeline = positions is not None and cache is not None
+        limit = cache.k[0].shape[2] if timeline else self.cfg.max_seq_len  # type: ignore[union-attr]
+        if start + T > limit:
             raise ValueError(
                 f"sequence of {start + T} tokens exceeds max_seq_len {self.cfg.max_seq_len}"
             )

@@ -1,11 +1,10 @@
-"""The generation engine behind `llmctl serve`: one worker thread that batches queued requests.
+"""The generation engine behind `llmctl serve`: one worker thread, continuously batched.
 
 The HTTP handlers (serve.py) run on the asyncio event loop and never touch the model. Each choice
 they want sampled becomes a `Row` (prompt ids, token budget, stop strings, sampling settings) in a
-shared queue; the worker thread takes rows off it in batches and decodes each batch with the
-ragged-batch KV-cache generator (core/sampling.stream), pushing text pieces and the finish reason of
-every row back to the loop. So the loop stays responsive while the model runs, and requests that
-arrive together are decoded together.
+shared queue; the worker thread decodes up to `max_batch` rows at a time in a `core.slots.SlotBatch`
+(a KV cache that sequences join and leave between steps), pushing text pieces and the finish
+reason of every row back to the loop. So the loop stays responsive while the model runs.
 
 Per-token costs, kept small because at batch 1 they add straight to the decode step (on a small CPU
 the loop thread, the worker and torch's threads share the cores and the GIL):
@@ -17,14 +16,12 @@ the loop thread, the worker and torch's threads share the cores and the GIL):
   and every error at once), so at the default 20 ms a chunk carries a few tokens rather than one;
 - the idle worker gathers a batch by waiting on a condition with a timeout, not by sleeping.
 
-Batching policy (static batches, not continuous batching): when the worker is idle and a row
-arrives, it waits until no new row has arrived for `batch_wait_ms` (at most 5 x that in all, or
-until `max_batch` rows wait), then takes, in arrival order, up to `max_batch` waiting
-rows that share the first row's sampling settings (temperature, top_k, top_p: the generator samples a
-batch with one setting) and fit the context together (longest prompt + largest budget <= context,
-since the batch's KV cache is that long). A row that arrives while a batch runs waits for the next
-batch. Each row stops on its own (end-of-turn or EOS token, a stop string, its own max_tokens or a
-cancelled client); the batch ends when all of its rows have.
+Batching policy (continuous): before every decode step the worker starts the rows that wait, in
+arrival order, as many as there are free rows (each is prefilled alone and joins the step; rows
+need not share sampling settings). When it is idle, the first row waits until no new row has
+arrived for `batch_wait_ms` (at most 5 x that in all, or until every row is taken), so requests
+sent together start together. Each row stops on its own (end-of-turn or EOS token, a stop string,
+its own max_tokens, a full context or a cancelled client) and frees its row for the next one.
 """
 
 from __future__ import annotations
@@ -41,7 +38,8 @@ from typing import Any, Literal
 import torch
 
 from llmctl.core.model import Transformer
-from llmctl.core.sampling import SamplingConfig, stream
+from llmctl.core.sampling import SamplingConfig
+from llmctl.core.slots import SlotBatch
 from llmctl.core.tokenizer import Tokenizer
 
 FinishReason = Literal["stop", "length"]
@@ -50,7 +48,7 @@ MAX_WAIT_FACTOR = 5  # an idle worker gathers a batch for at most 5 x batch_wait
 
 @dataclass(frozen=True)
 class Sampling:
-    """The per-request settings a batch must share."""
+    """A request's sampling settings (each row of a batch samples with its own)."""
 
     temperature: float
     top_k: int
@@ -168,8 +166,15 @@ class StopScan:
         return len(text) - hold, False
 
 
+def _config(r: Row) -> SamplingConfig:
+    s = r.sampling
+    return SamplingConfig(
+        max_new_tokens=r.max_tokens, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p
+    )
+
+
 class Engine:
-    """Owns the model; runs queued rows in batches on one worker thread."""
+    """Owns the model; decodes queued rows on one worker thread, continuously batched."""
 
     def __init__(
         self,
@@ -190,12 +195,12 @@ class Engine:
         self._cv = threading.Condition()
         self._closed = False
         self._arrivals = 0  # rows submitted so far (the batch gatherer waits for this to settle)
-        self._current: list[Row] = []  # the batch being decoded
+        self._current: list[Row] = []  # the rows being decoded
         self._events: list[tuple[Row, str, Any]] = []  # this step's events, posted together
         self.stream_interval = stream_interval_ms / 1000
         self._next_post = 0.0  # text events wait until then (finishes and errors never wait)
-        self.running = 0  # rows in the batch being decoded
-        self.batches = 0  # batches decoded so far
+        self.running = 0  # rows being decoded
+        self.batches = 0  # decode runs started from idle (rows that arrive mid-run join it)
         self._thread = threading.Thread(target=self._work, name="llmctl-serve-engine", daemon=True)
         self._thread.start()
 
@@ -234,37 +239,79 @@ class Engine:
     # -- worker thread -------------------------------------------------------------------------
 
     def _work(self) -> None:
+        slots = SlotBatch(self.model, self.max_batch, generator=self.generator)
+        live: list[Row] = []  # live[i] decodes in slots' row i
+        scans: list[StopScan] = []
+        self._current = live
         while True:
-            batch = self._next_batch()
-            if batch is None:
+            new = self._admit(idle=not live, free=slots.free)
+            if new is None:
                 return
-            if not batch:  # every waiting row was cancelled
-                continue
-            self._current = batch
-            self.running = len(batch)
+            waiting = list(new)  # admitted, not yet started
             try:
-                self._decode(batch)
-            except Exception as e:  # noqa: BLE001 - a failed batch must not kill the server
+                while waiting:
+                    r = waiting[0]
+                    row, tok = slots.add(r.prompt, _config(r))
+                    waiting.pop(0)
+                    r.tail = TextTail(self.tok)
+                    live.append(r)
+                    scans.append(StopScan(r.stops))
+                    self._next_post = 0.0  # a new reply's first piece goes out at once
+                    if not self._advance(r, tok, scans[row]) or not self._room(
+                        slots, row, r, scans
+                    ):
+                        self._drop(slots, live, scans, row)
+                if live:
+                    toks = slots.step()
+                    for i in reversed(range(len(live))):
+                        r = live[i]
+                        if not self._advance(r, toks[i], scans[i]) or not self._room(
+                            slots, i, r, scans
+                        ):
+                            self._drop(slots, live, scans, i)
+            except Exception as e:  # noqa: BLE001 - a failed step must not kill the server
                 message = f"generation failed: {type(e).__name__}: {e}"
-                self._events += [(r, "error", message) for r in batch]
-            finally:
-                self._flush()
-                self._current, self.running = [], 0
-                self.batches += 1
+                self._events += [(r, "error", message) for r in [*live, *waiting]]
+                live.clear()
+                scans.clear()
+                slots = SlotBatch(self.model, self.max_batch, generator=self.generator)
+            self.running = len(live)
+            self._flush(force=not live)
 
-    def _next_batch(self) -> list[Row] | None:
+    def _room(self, slots: SlotBatch, i: int, r: Row, scans: list[StopScan]) -> bool:
+        """False (and the row finished) once its prompt and reply fill the context."""
+        if slots.room(i) > 0:
+            return True
+        self._finish(r, "length", scans[i])
+        return False
+
+    @staticmethod
+    def _drop(slots: SlotBatch, live: list[Row], scans: list[StopScan], i: int) -> None:
+        """Free row i; the last live row takes its place (as `SlotBatch.remove` moves it)."""
+        slots.remove(i)
+        live[i], scans[i] = live[-1], scans[-1]
+        live.pop()
+        scans.pop()
+
+    def _admit(self, *, idle: bool, free: int) -> list[Row] | None:
+        """Rows to start now (None once closed). Busy: whatever waits, up to the free rows, at
+        once. Idle: block for a row, then gather the rows that arrive with it."""
         with self._cv:
+            if self._closed:
+                return None
+            if not idle:
+                return self._take(free)
             while not self._pending and not self._closed:
                 self._cv.wait()
             if self._closed:
                 return None
-            # Let requests that arrive together join this batch: wait until no new row has come
-            # for `batch_wait` (at most MAX_WAIT_FACTOR times that in all, or until the batch is
-            # full). A submit wakes the wait, so a full batch starts at once.
+            # Let requests that arrive together start together: wait until no new row has come
+            # for `batch_wait` (at most MAX_WAIT_FACTOR times that in all, or until every row is
+            # taken). A submit wakes the wait, so a full batch starts at once.
             deadline = time.monotonic() + MAX_WAIT_FACTOR * self.batch_wait
             seen = self._arrivals
             quiet_until = time.monotonic() + self.batch_wait
-            while len(self._pending) < self.max_batch and not self._closed:
+            while len(self._pending) < free and not self._closed:
                 now = time.monotonic()
                 if now >= min(quiet_until, deadline):
                     break
@@ -273,62 +320,17 @@ class Engine:
                     seen, quiet_until = self._arrivals, time.monotonic() + self.batch_wait
             if self._closed:
                 return None
-            return self._take()
+            self.batches += 1
+            return self._take(free)
 
-    def _take(self) -> list[Row]:
-        """Up to max_batch live rows sharing the first one's sampling and fitting the context."""
-        while self._pending and self._pending[0].cancelled:
-            self._pending.popleft()
-        if not self._pending:
-            return []
-        first = self._pending[0]
-        batch: list[Row] = []
-        longest, budget = 0, 0
-        for r in list(self._pending):
-            if len(batch) == self.max_batch:
-                break
-            fits = max(longest, len(r.prompt)) + max(budget, r.max_tokens) <= self.context
-            if r.sampling == first.sampling and fits and not r.cancelled:
-                batch.append(r)
-                longest, budget = max(longest, len(r.prompt)), max(budget, r.max_tokens)
-        for r in batch:
-            self._pending.remove(r)
-        return batch
-
-    def _decode(self, batch: list[Row]) -> None:
-        s = batch[0].sampling
-        cfg = SamplingConfig(
-            max_new_tokens=max(r.max_tokens for r in batch),
-            temperature=s.temperature,
-            top_k=s.top_k,
-            top_p=s.top_p,
-        )
-        scans = [StopScan(r.stops) for r in batch]
-        for r in batch:
-            r.tail = TextTail(self.tok)
-        self._next_post = 0.0  # the first pieces go out at once
-        live = [True] * len(batch)
-        steps = stream(
-            self.model,
-            [r.prompt for r in batch],
-            cfg,
-            stop_ids=self.stop_ids,
-            generator=self.generator,
-            pad_id=self.tok.pad_id,
-        )
-        try:
-            for step in steps:
-                for i, (r, t) in enumerate(zip(batch, step, strict=True)):
-                    if live[i]:
-                        live[i] = self._advance(r, t, scans[i])
-                self._flush(force=False)
-                if not any(live):
-                    break
-        finally:
-            steps.close()
-        for i, r in enumerate(batch):
-            if live[i]:  # the context filled up before the row's budget
-                self._finish(r, "length", scans[i])
+    def _take(self, free: int) -> list[Row]:
+        """Up to `free` waiting rows, in arrival order, skipping cancelled ones."""
+        out: list[Row] = []
+        while self._pending and len(out) < free:
+            r = self._pending.popleft()
+            if not r.cancelled:
+                out.append(r)
+        return out
 
     def _emit(self, r: Row, kind: str, payload: Any) -> None:
         self._events.append((r, kind, payload))

@@ -17,7 +17,7 @@ wrong `Authorization: Bearer KEY` (when --api-key is set) 401. Parameters the se
 (logprobs, echo, tools, suffix, penalties) are refused with 400 rather than silently ignored.
 
 The handlers run on the event loop and never call the model: generation happens on one worker
-thread that batches requests arriving together (_serve_engine.py: the batching policy;
+thread that batches them continuously (_serve_engine.py: the batching policy;
 _serve_requests.py: validation).
 `create_app` builds the app from a loaded model, so tests drive it without a socket.
 """

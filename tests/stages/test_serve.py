@@ -312,6 +312,42 @@ def test_eight_concurrent_requests_are_batched(server: Running, loaded: Checkpoi
     assert httpx.get(server.url + "/health").json()["status"] == "ok"
 
 
+def test_a_request_arriving_mid_batch_joins_it(server: Running, loaded: Checkpoint) -> None:
+    """Continuous batching: a request that arrives while another is decoding starts at once, in
+    the same decode run (no new run from idle), and both answer as they would alone."""
+    tok, engine = loaded.tokenizer, server.app.state.engine
+    ctx = loaded.model.cfg.max_seq_len
+    long_prompt = None
+    for p in ("def", "import", "class", "The", "return", "x"):
+        ids = tok.encode(p, bos=True)
+        want_a, n_a = expected(loaded, ids, ctx - len(ids))
+        if n_a >= 40:  # a reply long enough that the second request arrives during it
+            long_prompt = p
+            break
+    assert long_prompt is not None
+    body = {
+        "model": MODEL,
+        "prompt": long_prompt,
+        "max_tokens": ctx - len(ids),
+        "temperature": 0,
+        "stream": True,
+    }
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as r:
+        lines = r.iter_lines()
+        first = next(lines)
+        assert first.startswith("data: ")  # the long reply is being decoded
+        runs = engine.batches
+        b = server.client().completions.create(
+            model=MODEL, prompt="x = 1", max_tokens=3, temperature=0
+        )
+        joined = engine.batches == runs
+        rest = list(lines)
+    assert joined  # the short request did not wait for a run of its own
+    assert b.choices[0].text == expected(loaded, tok.encode("x = 1", bos=True), 3)[0]
+    events = [json.loads(x[6:]) for x in [first, *rest] if x.startswith("data: {")]
+    assert "".join(e["choices"][0]["text"] for e in events if e["choices"]) == want_a
+
+
 @pytest.mark.parametrize(
     ("patch", "param"),
     [
