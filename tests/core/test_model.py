@@ -488,3 +488,30 @@ def test_inference_layout_head_copy_retires_when_the_weights_change() -> None:
         torch.testing.assert_close(
             model.logits(h), _model(cfg, seed=3).logits(h), rtol=0, atol=1e-5
         )
+
+
+def test_rmsnorm_hand_written_backward_equals_autograd() -> None:
+    """Training on CPU takes `_RMSNormFn`: output and both gradients equal autograd through
+    `F.rms_norm` (fp32, to rounding), and gradcheck passes in float64."""
+    from llmctl.core.model import RMSNorm, _RMSNormFn
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 16, generator=g, requires_grad=True)
+    norm = RMSNorm(16, 1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(16, generator=g))
+    up = torch.randn(3, 5, 16, generator=g)
+    out = norm(x)
+    assert out.grad_fn is not None
+    assert "RMSNormFn" in type(out.grad_fn).__name__
+    out.backward(up)
+    gx, gw = x.grad.clone(), norm.weight.grad.clone()
+    x.grad, norm.weight.grad = None, None
+    ref = torch.nn.functional.rms_norm(x, (16,), norm.weight, 1e-5)
+    ref.backward(up)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
+    torch.testing.assert_close(gx, x.grad, rtol=0, atol=1e-5)
+    torch.testing.assert_close(gw, norm.weight.grad, rtol=0, atol=1e-5)
+    x64 = torch.randn(2, 3, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    w64 = torch.randn(8, dtype=torch.float64, generator=g, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: _RMSNormFn.apply(a, b, 1e-5), (x64, w64))
