@@ -421,7 +421,7 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         # (weight, its _version, the (d, vocab) copy) from `inference_layout`; not in state_dict
-        self._head_t: tuple[torch.Tensor, int, torch.Tensor] | None = None
+        self._head_t: tuple[torch.Tensor, int, int, torch.Tensor] | None = None
         self.init_weights()
 
     @torch.no_grad()
@@ -474,9 +474,8 @@ class Transformer(nn.Module):
         timeline = positions is not None and cache is not None
         limit = cache.k[0].shape[2] if timeline else self.cfg.max_seq_len  # type: ignore[union-attr]
         if start + T > limit:
-            raise ValueError(
-                f"sequence of {start + T} tokens exceeds max_seq_len {self.cfg.max_seq_len}"
-            )
+            what = "the cache's slots" if timeline else "max_seq_len"
+            raise ValueError(f"sequence of {start + T} tokens exceeds {what} {limit}")
         if (
             T == 1
             and cache is not None
@@ -568,12 +567,28 @@ class Transformer(nn.Module):
         return torch.mm(w, h2.t()).t().view(*h.shape[:-1], -1)
 
     def _head_copy(self, w: torch.Tensor) -> torch.Tensor | None:
-        """The (d, vocab) copy of the head if it is still `w`'s current values: an in-place update
-        (an optimizer step) bumps the weight's version and retires the copy."""
+        """The (d, vocab) copy of the head if it still holds `w`'s current values. Updates through
+        torch ops (`load_state_dict`, AdamW's default implementations) bump the weight's version;
+        a new storage (`.data = ...`) changes its address; `train()`, `.to()` and dtype changes
+        drop the copy (see `train`, `_apply`). Writes that bypass all of these (fused optimizers,
+        in-place writes to `.data`) are for training, which `train()` has already cut off."""
         held = self._head_t
-        if held is None or held[0] is not w or held[1] != w._version:
+        if held is None:
             return None
-        return held[2]
+        ref, version, ptr, wt = held
+        if ref is not w or w._version != version or w.data_ptr() != ptr or wt.dtype != w.dtype:
+            return None
+        return wt
+
+    def train(self, mode: bool = True) -> Transformer:
+        """As `nn.Module.train`; training mode also drops `inference_layout`'s head copy."""
+        if mode:
+            self._head_t = None
+        return super().train(mode)
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202, D102 - .to(), .float(), .cuda(), ...
+        self._head_t = None
+        return super()._apply(fn, recurse)
 
     @torch.no_grad()
     def inference_layout(self) -> Transformer:
@@ -602,8 +617,8 @@ class Transformer(nn.Module):
             for mod in block.modules():
                 if type(mod) is nn.Linear and mod.weight.is_contiguous() and mod.weight.dim() == 2:
                     mod.weight.data = mod.weight.data.t().contiguous().t()
-        if type(self.lm_head) is nn.Linear:
-            self._head_t = (w, w._version, w.detach().t().contiguous())
+        if type(self.lm_head) is nn.Linear and not w.is_inference():  # (no version counter)
+            self._head_t = (w, w._version, w.data_ptr(), w.detach().t().contiguous())
         return self
 
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:

@@ -16,9 +16,11 @@ Joining: the prompt is prefilled alone (its own small cache) and its keys/values
 `n` slots just before `pos`; if fewer than `n` slots exist yet, the timeline is shifted right to
 make room. The first token is sampled from the prefill's last logits, as `stream` does.
 
-Space: capacity is twice the context. When the timeline is full, it is shifted left past the
-slots no live sequence owns; each live sequence spans at most one context, so that frees at
-least a context's worth, and such a copy happens at most once per context of steps.
+Space: the cache starts at one context of slots (or less) and grows, by doubling up to twice the
+context, only when the timeline fills while live sequences still own its first half; otherwise a
+full timeline is shifted left past the slots no live sequence owns. Each live sequence spans less
+than a context, so a shift frees at least half the slots, and such a copy happens at most once
+per half-capacity of steps.
 
 A step where every live sequence started at slot 0 and has all its slots (one sequence alone, or
 sequences that joined together with equal prompts) runs without a mask, through the model's
@@ -66,9 +68,10 @@ class SlotBatch:
         require(rows >= 1, "a slot batch needs at least one row")
         self.model, self.rows, self.generator = model, rows, generator
         self.context = model.cfg.max_seq_len
-        self.capacity = 2 * self.context
+        self.max_capacity = 2 * self.context
         w = model.embed.weight
         self.device = w.device
+        self.capacity = min(self.context, 256)
         self.cache = KVCache(model.cfg, rows, self.capacity, w.device, w.dtype)
         self.mask = torch.zeros(rows, self.capacity, dtype=torch.bool, device=w.device)
         self.pos = 0
@@ -98,9 +101,11 @@ class SlotBatch:
         ids = torch.tensor([list(prompt)], dtype=torch.long, device=self.device)
         h = self.model(ids, cache=tmp, hidden=True)
         if self.pos >= self.capacity:
-            self._compact()
-        if self.pos < n:
-            self._shift(n - self.pos)  # room before `pos` for the prompt's slots
+            self._make_room()
+        if self.pos < n:  # room before `pos` for the prompt's slots
+            if n > self.capacity:
+                self._grow(min(self.max_capacity, max(n, 2 * self.capacity)))
+            self._shift(n - self.pos)
         row = self.n
         lo, hi = self.pos - n, self.pos
         for kc, vc, tk, tv in zip(self.cache.k, self.cache.v, tmp.k, tmp.v, strict=True):
@@ -114,6 +119,14 @@ class SlotBatch:
         self.last[row] = tok
         return row, tok
 
+    @torch.inference_mode()
+    def reset(self) -> None:
+        """Drop every sequence (after a failed step: the cache may be half-written)."""
+        self.n, self.pos = 0, 0
+        self.mask.zero_()
+        self.sampling = [None] * self.rows
+
+    @torch.inference_mode()
     def remove(self, row: int) -> tuple[int, int] | None:
         """Free a row. The last live row moves into its place: returns (old, new) if one did."""
         require(0 <= row < self.n, f"row {row} is not live")
@@ -143,7 +156,7 @@ class SlotBatch:
         require(n > 0, "no live row to step")
         require(all(self.room(r) > 0 for r in range(n)), "a row's context is full")
         if self.pos >= self.capacity:
-            self._compact()
+            self._make_room()
         p = self.pos
         uniform = all(self.start[r] == 0 and self.length[r] == p for r in range(n))
         view = _View([k[:n] for k in self.cache.k], [v[:n] for v in self.cache.v], p)
@@ -168,20 +181,42 @@ class SlotBatch:
         return toks
 
     def _pick(self, logits: torch.Tensor) -> list[int]:
-        """Each row's token with its own settings: greedy rows by one argmax, the others grouped
-        by identical settings (one `pick` call per group, rows in order)."""
+        """Each row's token with its own settings: rows with the same temperature, top-k and
+        top-p (all greedy rows alike) share one `pick` call, rows in order."""
         n = logits.shape[0]
-        groups: dict[SamplingConfig, list[int]] = {}
+        groups: dict[tuple, list[int]] = {}
         for r in range(n):
             s = self.sampling[r]
             assert s is not None
-            groups.setdefault(s, []).append(r)
+            key = ("greedy",) if s.temperature == 0 else (s.temperature, s.top_k, s.top_p)
+            groups.setdefault(key, []).append(r)
         out = [0] * n
-        for s, rows in groups.items():
+        for rows in groups.values():
+            s = self.sampling[rows[0]]
+            assert s is not None
             sub = logits if len(rows) == n else logits[torch.tensor(rows, device=logits.device)]
             for r, t in zip(rows, pick(sub, s, self.generator).tolist(), strict=True):
                 out[r] = t
         return out
+
+    def _make_room(self) -> None:
+        """The timeline is full: shift it left if that frees half of it, else grow the cache."""
+        s = min((self.start[r] for r in range(self.n)), default=self.pos)
+        if 2 * s >= self.capacity or self.capacity >= self.max_capacity:
+            self._compact()
+        else:
+            self._grow(min(self.max_capacity, 2 * self.capacity))
+
+    def _grow(self, capacity: int) -> None:
+        """A larger cache with the same contents (allocated first: a failure changes nothing)."""
+        cfg, w = self.model.cfg, self.model.embed.weight
+        bigger = KVCache(cfg, self.rows, capacity, w.device, w.dtype)
+        mask = torch.zeros(self.rows, capacity, dtype=torch.bool, device=w.device)
+        p = self.pos
+        for new, old in zip(bigger.k + bigger.v, self.cache.k + self.cache.v, strict=True):
+            new[:, :, :p] = old[:, :, :p]
+        mask[:, :p] = self.mask[:, :p]
+        self.cache, self.mask, self.capacity = bigger, mask, capacity
 
     def _shift(self, d: int) -> None:
         """Move the timeline d slots right (empty slots at the front)."""

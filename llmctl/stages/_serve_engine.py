@@ -196,6 +196,7 @@ class Engine:
         self._closed = False
         self._arrivals = 0  # rows submitted so far (the batch gatherer waits for this to settle)
         self._current: list[Row] = []  # the rows being decoded
+        self._waiting: list[Row] = []  # taken off the queue, not started yet
         self._events: list[tuple[Row, str, Any]] = []  # this step's events, posted together
         self.stream_interval = stream_interval_ms / 1000
         self._next_post = 0.0  # text events wait until then (finishes and errors never wait)
@@ -230,7 +231,7 @@ class Engine:
         """Stop the worker: the running batch ends at its next step, queued rows are dropped."""
         with self._cv:
             self._closed = True
-            for r in [*self._pending, *self._current]:
+            for r in [*self._pending, *self._current, *self._waiting]:
                 r.cancelled = True
             self._pending.clear()
             self._cv.notify()
@@ -239,44 +240,58 @@ class Engine:
     # -- worker thread -------------------------------------------------------------------------
 
     def _work(self) -> None:
-        slots = SlotBatch(self.model, self.max_batch, generator=self.generator)
+        slots: SlotBatch | None = None  # made at the first request (a failure is reported then)
         live: list[Row] = []  # live[i] decodes in slots' row i
         scans: list[StopScan] = []
         self._current = live
         while True:
-            new = self._admit(idle=not live, free=slots.free)
+            new = self._admit(idle=not live, free=slots.free if slots else self.max_batch)
             if new is None:
                 return
-            waiting = list(new)  # admitted, not yet started
+            self._waiting = waiting = list(new)  # admitted, not started (close() cancels them)
             try:
+                if slots is None:
+                    slots = SlotBatch(self.model, self.max_batch, generator=self.generator)
                 while waiting:
-                    r = waiting[0]
-                    row, tok = slots.add(r.prompt, _config(r))
-                    waiting.pop(0)
-                    r.tail = TextTail(self.tok)
-                    live.append(r)
-                    scans.append(StopScan(r.stops))
-                    self._next_post = 0.0  # a new reply's first piece goes out at once
-                    if not self._advance(r, tok, scans[row]) or not self._room(
-                        slots, row, r, scans
-                    ):
-                        self._drop(slots, live, scans, row)
+                    self._start(slots, waiting.pop(0), live, scans)
                 if live:
-                    toks = slots.step()
-                    for i in reversed(range(len(live))):
-                        r = live[i]
-                        if not self._advance(r, toks[i], scans[i]) or not self._room(
-                            slots, i, r, scans
-                        ):
-                            self._drop(slots, live, scans, i)
+                    self._step(slots, live, scans)
             except Exception as e:  # noqa: BLE001 - a failed step must not kill the server
                 message = f"generation failed: {type(e).__name__}: {e}"
                 self._events += [(r, "error", message) for r in [*live, *waiting]]
                 live.clear()
                 scans.clear()
-                slots = SlotBatch(self.model, self.max_batch, generator=self.generator)
+                waiting.clear()
+                if slots is not None:
+                    slots.reset()  # the cache may be half-written; its memory is kept
             self.running = len(live)
             self._flush(force=not live)
+
+    def _start(self, slots: SlotBatch, r: Row, live: list[Row], scans: list[StopScan]) -> None:
+        """Prefill a row into the batch and feed it its first token. A row that fails alone (its
+        prefill: say, out of memory on a long prompt) gets the error; the others go on."""
+        if r.cancelled:
+            return
+        try:
+            row, tok = slots.add(r.prompt, _config(r))
+        except Exception as e:  # noqa: BLE001 - this row's failure, reported to it
+            self._events.append((r, "error", f"generation failed: {type(e).__name__}: {e}"))
+            return
+        r.tail = TextTail(self.tok)
+        live.append(r)
+        scans.append(StopScan(r.stops))
+        self._next_post = 0.0  # a new reply's first piece goes out at once
+        if not self._advance(r, tok, scans[row]) or not self._room(slots, row, r, scans):
+            self._drop(slots, live, scans, row)
+
+    def _step(self, slots: SlotBatch, live: list[Row], scans: list[StopScan]) -> None:
+        """One token for every live row; finished rows leave (from the end: `remove` moves the
+        last row into the freed one, and the rows after i have been fed already)."""
+        toks = slots.step()
+        for i in reversed(range(len(live))):
+            r = live[i]
+            if not self._advance(r, toks[i], scans[i]) or not self._room(slots, i, r, scans):
+                self._drop(slots, live, scans, i)
 
     def _room(self, slots: SlotBatch, i: int, r: Row, scans: list[StopScan]) -> bool:
         """False (and the row finished) once its prompt and reply fill the context."""
@@ -320,8 +335,9 @@ class Engine:
                     seen, quiet_until = self._arrivals, time.monotonic() + self.batch_wait
             if self._closed:
                 return None
-            self.batches += 1
-            return self._take(free)
+            taken = self._take(free)
+            self.batches += bool(taken)
+            return taken
 
     def _take(self, free: int) -> list[Row]:
         """Up to `free` waiting rows, in arrival order, skipping cancelled ones."""

@@ -515,3 +515,24 @@ def test_rmsnorm_hand_written_backward_equals_autograd() -> None:
     x64 = torch.randn(2, 3, 8, dtype=torch.float64, generator=g, requires_grad=True)
     w64 = torch.randn(8, dtype=torch.float64, generator=g, requires_grad=True)
     assert torch.autograd.gradcheck(lambda a, b: _RMSNormFn.apply(a, b, 1e-5), (x64, w64))
+
+
+def test_inference_layout_head_copy_is_dropped_by_train_and_conversions() -> None:
+    """`train()`, `.to(dtype)` and a new storage for the head drop the copy: the one-row logits
+    follow the weights (no stale values, no dtype mismatch)."""
+    cfg = _cfg()
+    model = _model(cfg).inference_layout()
+    h = torch.randn(1, 1, cfg.d_model)
+    model.train()
+    assert model._head_t is None
+    model.eval().inference_layout()
+    model.to(torch.float64)
+    assert model._head_t is None
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model.logits(h.double()), model.lm_head(h.double()), rtol=0, atol=1e-9
+        )
+    model.to(torch.float32).inference_layout()
+    with torch.no_grad():
+        model.lm_head.weight.data = model.lm_head.weight.data * 3.0  # new storage, same version
+        torch.testing.assert_close(model.logits(h), model.lm_head(h), rtol=0, atol=1e-5)

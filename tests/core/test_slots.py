@@ -75,6 +75,7 @@ def test_joining_and_leaving_rows_decode_as_they_would_alone() -> None:
     sb = SlotBatch(model, 3)
     outs, compactions = _run(sb, prompts, budgets, [GREEDY] * len(prompts), join_every=3)
     assert compactions > 0
+    assert sb.capacity == 2 * model.cfg.max_seq_len  # it grew from one context
     for p, out, b in zip(prompts, outs, budgets, strict=True):
         alone = generate(model, [p], GREEDY)[0]
         assert len(out) == min(b, model.cfg.max_seq_len - len(p))
@@ -123,3 +124,30 @@ def test_bad_use_is_refused() -> None:
         sb.add([4, 5], GREEDY)  # no free row
     with pytest.raises(ConfigError):
         sb.remove(1)
+
+
+def test_a_long_prompt_grows_a_small_cache() -> None:
+    """The cache starts at min(context, 256) slots: a longer prompt grows it, and decodes right."""
+    model = _model(ctx=300)
+    p = _prompts([280])[0]
+    sb = SlotBatch(model, 2)
+    assert sb.capacity == 256
+    row, tok = sb.add(p, GREEDY)
+    assert sb.capacity >= 280
+    out = [tok] + [sb.step()[row] for _ in range(10)]
+    assert out == generate(model, [p], SamplingConfig(max_new_tokens=11, temperature=0.0))[0]
+
+
+def test_reset_and_remove_outside_inference_mode() -> None:
+    """A batch built under inference_mode can still remove rows and reset outside it."""
+    model = _model()
+    with torch.inference_mode():
+        sb = SlotBatch(model, 2)
+        sb.add([1, 2, 3], GREEDY)
+        sb.add([4, 5], GREEDY)
+        sb.step()
+    sb.remove(0)
+    sb.reset()
+    assert (sb.n, sb.pos) == (0, 0)
+    row, _ = sb.add([6, 7, 8], GREEDY)
+    assert row == 0

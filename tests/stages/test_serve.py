@@ -549,3 +549,61 @@ def test_bench_serve_quick_runs(tmp_path: Path) -> None:
     rows = {r["side"]: r for r in results["rows"]}
     # every concurrent request answered in full
     assert rows["serve_8"]["tokens"] == 8 * results["new_tokens"]
+
+
+def test_engine_survives_a_failed_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A decode step that raises (out of memory, say) ends its rows with one error event each;
+    the worker stays alive, keeps its cache, and answers the next request."""
+    import asyncio
+
+    import torch
+
+    from llmctl.core.model import ModelConfig, Transformer
+    from llmctl.core.slots import SlotBatch
+    from llmctl.stages._serve_engine import Engine, Outbox, Row, Sampling
+
+    class Tok:
+        eos_id, end_id, pad_id = 1, 2, 0
+
+        def decode(self, ids: list[int]) -> str:
+            return "".join(chr(97 + i % 26) for i in ids if i > 2)
+
+    cfg = ModelConfig(
+        vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=32
+    )
+    torch.manual_seed(0)
+    model = Transformer(cfg).eval()
+    fail = {"on": True}
+    real_step = SlotBatch.step
+
+    def step(self: SlotBatch) -> list[int]:
+        if fail["on"]:
+            raise RuntimeError("out of memory (simulated)")
+        return real_step(self)
+
+    monkeypatch.setattr(SlotBatch, "step", step)
+
+    async def events(engine: Engine, rows: int) -> list[list[tuple]]:
+        loop, queues = asyncio.get_running_loop(), [asyncio.Queue() for _ in range(rows)]
+        for q in queues:
+            engine.submit(Row([5, 6, 7], 8, Sampling(0.0, 0, 1.0), (), Outbox(loop, q)))
+        out = []
+        for q in queues:
+            got = [await asyncio.wait_for(q.get(), 10)]
+            while got[-1][1] == "text":
+                got.append(await asyncio.wait_for(q.get(), 10))
+            out.append(got)
+        return out
+
+    engine = Engine(model, Tok(), max_batch=2, batch_wait_ms=1)  # type: ignore[arg-type]
+    try:
+        failed = asyncio.run(events(engine, 2))
+        assert [e[-1][1] for e in failed] == ["error", "error"]
+        assert all("out of memory" in e[-1][2] for e in failed)
+        assert engine.alive
+        fail["on"] = False
+        ok = asyncio.run(events(engine, 1))[0]
+        assert ok[-1][1] == "done"
+        assert ok[-1][2][1] == 8  # the whole budget
+    finally:
+        engine.close()
