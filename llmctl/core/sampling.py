@@ -68,6 +68,21 @@ def pick(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def ragged_prefill_inputs(
+    lens: torch.Tensor, L: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For prompts of `lens` tokens left-padded to L: which slots are real (B, L), the attention
+    mask (B, 1, L, L: causal over real keys; a padding query sees itself, so no row is empty)
+    and the RoPE positions (B, L: 0 at each prompt's first token)."""
+    device = lens.device
+    real = torch.arange(L, device=device)[None, :] >= (L - lens)[:, None]
+    causal = torch.ones(L, L, dtype=torch.bool, device=device).tril()
+    eye = torch.eye(L, dtype=torch.bool, device=device)
+    mask = (causal[None] & real[:, None, :]) | eye[None]
+    positions = (real.cumsum(-1) - 1).clamp(min=0)
+    return real, mask[:, None], positions
+
+
 def stream(
     model: Transformer,
     prompts: Sequence[Sequence[int]],
@@ -134,14 +149,10 @@ def _decode(
     ragged = min(plens) != L
     if ragged:
         lens = torch.tensor(plens, device=device)
-        real = torch.arange(L, device=device)[None, :] >= (L - lens)[:, None]  # (B, L)
+        real, mask, positions = ragged_prefill_inputs(lens, L)
         cache.mask = torch.zeros(B, L + steps, dtype=torch.bool, device=device)
         cache.mask[:, :L] = real
-        causal = torch.ones(L, L, dtype=torch.bool, device=device).tril()
-        eye = torch.eye(L, dtype=torch.bool, device=device)
-        mask = (causal[None] & real[:, None, :]) | eye[None]  # (B, L, L)
-        positions = (real.cumsum(-1) - 1).clamp(min=0)
-        h = model(ids, cache=cache, positions=positions, attn_mask=mask[:, None], hidden=True)
+        h = model(ids, cache=cache, positions=positions, attn_mask=mask, hidden=True)
     else:
         h = model(ids, cache=cache, hidden=True)
     # Only the last position's logits are needed: the head runs on B rows, not B * L.

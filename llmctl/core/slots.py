@@ -12,7 +12,8 @@ prompt, then one slot per step; `mask` marks them, so each row attends to its ow
 Keys are cached after RoPE at the sequence's own positions (0, 1, ... from its first token), so
 where its slots lie on the timeline does not change the arithmetic.
 
-Joining: the prompt is prefilled alone (its own small cache) and its keys/values copied into the
+Joining: a prompt (or several arriving together, in one left-padded forward as `sampling.stream`
+prefills a ragged batch) is prefilled in its own small cache and its keys/values copied into the
 `n` slots just before `pos`; if fewer than `n` slots exist yet, the timeline is shifted right to
 make room. The first token is sampled from the prefill's last logits, as `stream` does.
 
@@ -36,7 +37,7 @@ import torch
 
 from llmctl.core.config import require
 from llmctl.core.model import KVCache, Transformer
-from llmctl.core.sampling import SamplingConfig, pick
+from llmctl.core.sampling import SamplingConfig, pick, ragged_prefill_inputs
 
 
 @dataclass
@@ -91,33 +92,51 @@ class SlotBatch:
         in `sampling.stream`), and each step feeds the latest token and samples one more."""
         return self.context - 1 - self.length[row]
 
-    @torch.inference_mode()
     def add(self, prompt: Sequence[int], sampling: SamplingConfig) -> tuple[int, int]:
         """Prefill `prompt` into a free row; returns (row, its first sampled token)."""
-        n = len(prompt)
-        require(self.free > 0, "no free row in the slot batch")
-        require(0 < n < self.context, f"a prompt needs 1 .. {self.context - 1} tokens, got {n}")
-        tmp = self.model.new_cache(1, n)
-        ids = torch.tensor([list(prompt)], dtype=torch.long, device=self.device)
-        h = self.model(ids, cache=tmp, hidden=True)
+        return self.add_many([prompt], [sampling])[0]
+
+    @torch.inference_mode()
+    def add_many(
+        self, prompts: Sequence[Sequence[int]], samplings: Sequence[SamplingConfig]
+    ) -> list[tuple[int, int]]:
+        """Prefill several prompts in one forward (left-padded, as `sampling.stream` prefills a
+        ragged batch) into free rows; returns (row, first sampled token) for each, in order."""
+        k, lens = len(prompts), [len(p) for p in prompts]
+        require(0 < k <= self.free, f"{k} prompts for {self.free} free rows")
+        require(len(samplings) == k, "one sampling setting per prompt")
+        for n in lens:
+            require(0 < n < self.context, f"a prompt needs 1 .. {self.context - 1} tokens, got {n}")
+        longest = max(lens)
+        rows = [[0] * (longest - len(p)) + list(p) for p in prompts]
+        ids = torch.tensor(rows, dtype=torch.long, device=self.device)
+        tmp = self.model.new_cache(k, longest)
+        if min(lens) == longest:
+            h = self.model(ids, cache=tmp, hidden=True)
+        else:
+            lens_t = torch.tensor(lens, device=self.device)
+            _, mask, positions = ragged_prefill_inputs(lens_t, longest)
+            h = self.model(ids, cache=tmp, positions=positions, attn_mask=mask, hidden=True)
+        toks = self._pick(self.model.logits(h[:, -1]), list(samplings))  # before any state change
         if self.pos >= self.capacity:
             self._make_room()
-        if self.pos < n:  # room before `pos` for the prompt's slots
-            if n > self.capacity:
-                self._grow(min(self.max_capacity, max(n, 2 * self.capacity)))
-            self._shift(n - self.pos)
-        row = self.n
-        lo, hi = self.pos - n, self.pos
-        for kc, vc, tk, tv in zip(self.cache.k, self.cache.v, tmp.k, tmp.v, strict=True):
-            kc[row, :, lo:hi] = tk[0, :, :n]
-            vc[row, :, lo:hi] = tv[0, :, :n]
-        self.mask[row] = False
-        self.mask[row, lo:hi] = True
-        self.start[row], self.length[row], self.sampling[row] = lo, n, sampling
-        self.n += 1
-        tok = int(pick(self.model.logits(h[:, -1]), sampling, self.generator)[0])
-        self.last[row] = tok
-        return row, tok
+        if self.pos < longest:  # room before `pos` for the prompts' slots
+            if longest > self.capacity:
+                self._grow(min(self.max_capacity, max(longest, 2 * self.capacity)))
+            self._shift(longest - self.pos)
+        hi = self.pos
+        for j, n in enumerate(lens):
+            row, lo = self.n, hi - n
+            for kc, vc, tk, tv in zip(self.cache.k, self.cache.v, tmp.k, tmp.v, strict=True):
+                kc[row, :, lo:hi] = tk[j, :, longest - n :]
+                vc[row, :, lo:hi] = tv[j, :, longest - n :]
+            self.mask[row] = False
+            self.mask[row, lo:hi] = True
+            self.start[row], self.length[row], self.sampling[row] = lo, n, samplings[j]
+            self.n += 1
+        first = self.n - k
+        self.last[first : self.n] = toks
+        return [(first + j, t) for j, t in enumerate(toks)]
 
     @torch.inference_mode()
     def reset(self) -> None:
@@ -176,23 +195,22 @@ class SlotBatch:
         self.pos = p + 1
         for r in range(n):
             self.length[r] += 1
-        toks = self._pick(self.model.logits(h[:, -1]))
+        toks = self._pick(self.model.logits(h[:, -1]), self.sampling[:n])
         self.last[:n] = toks
         return toks
 
-    def _pick(self, logits: torch.Tensor) -> list[int]:
+    def _pick(self, logits: torch.Tensor, settings: Sequence[SamplingConfig | None]) -> list[int]:
         """Each row's token with its own settings: rows with the same temperature, top-k and
         top-p (all greedy rows alike) share one `pick` call, rows in order."""
         n = logits.shape[0]
         groups: dict[tuple, list[int]] = {}
-        for r in range(n):
-            s = self.sampling[r]
+        for r, s in enumerate(settings):
             assert s is not None
             key = ("greedy",) if s.temperature == 0 else (s.temperature, s.top_k, s.top_p)
             groups.setdefault(key, []).append(r)
         out = [0] * n
         for rows in groups.values():
-            s = self.sampling[rows[0]]
+            s = settings[rows[0]]
             assert s is not None
             sub = logits if len(rows) == n else logits[torch.tensor(rows, device=logits.device)]
             for r, t in zip(rows, pick(sub, s, self.generator).tolist(), strict=True):

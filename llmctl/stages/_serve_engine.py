@@ -252,8 +252,7 @@ class Engine:
             try:
                 if slots is None:
                     slots = SlotBatch(self.model, self.max_batch, generator=self.generator)
-                while waiting:
-                    self._start(slots, waiting.pop(0), live, scans)
+                self._start_all(slots, waiting, live, scans)
                 if live:
                     self._step(slots, live, scans)
             except Exception as e:  # noqa: BLE001 - a failed step must not kill the server
@@ -267,22 +266,43 @@ class Engine:
             self.running = len(live)
             self._flush(force=not live)
 
-    def _start(self, slots: SlotBatch, r: Row, live: list[Row], scans: list[StopScan]) -> None:
-        """Prefill a row into the batch and feed it its first token. A row that fails alone (its
-        prefill: say, out of memory on a long prompt) gets the error; the others go on."""
-        if r.cancelled:
+    def _start_all(
+        self, slots: SlotBatch, waiting: list[Row], live: list[Row], scans: list[StopScan]
+    ) -> None:
+        """Prefill the admitted rows together (one forward) and feed each its first token. If
+        that fails, each row is tried alone, so only a row that fails alone (say, out of memory
+        on a long prompt) gets the error."""
+        rows = [r for r in waiting if not r.cancelled]
+        waiting.clear()
+        if not rows:
             return
         try:
-            row, tok = slots.add(r.prompt, _config(r))
-        except Exception as e:  # noqa: BLE001 - this row's failure, reported to it
-            self._events.append((r, "error", f"generation failed: {type(e).__name__}: {e}"))
-            return
-        r.tail = TextTail(self.tok)
-        live.append(r)
-        scans.append(StopScan(r.stops))
+            started = slots.add_many([r.prompt for r in rows], [_config(r) for r in rows])
+        except Exception:  # noqa: BLE001 - retried one by one below
+            started = []
+            for r in rows:
+                try:
+                    started.append(slots.add(r.prompt, _config(r)))
+                except Exception as e:  # noqa: BLE001 - this row's failure, reported to it
+                    message = f"generation failed: {type(e).__name__}: {e}"
+                    self._events.append((r, "error", message))
+                    started.append((-1, 0))
         self._next_post = 0.0  # a new reply's first piece goes out at once
-        if not self._advance(r, tok, scans[row]) or not self._room(slots, row, r, scans):
-            self._drop(slots, live, scans, row)
+        fed = []
+        for r, (row, tok) in zip(rows, started, strict=True):
+            if row < 0:
+                continue
+            r.tail = TextTail(self.tok)
+            live.append(r)
+            scans.append(StopScan(r.stops))
+            fed.append((r, tok))
+        # Feed the first tokens from the last new row down (see `_step`): `live` ends with them.
+        base = len(live) - len(fed)
+        for j in reversed(range(len(fed))):
+            r, tok = fed[j]
+            i = base + j
+            if not self._advance(r, tok, scans[i]) or not self._room(slots, i, r, scans):
+                self._drop(slots, live, scans, i)
 
     def _step(self, slots: SlotBatch, live: list[Row], scans: list[StopScan]) -> None:
         """One token for every live row; finished rows leave (from the end: `remove` moves the

@@ -151,3 +151,24 @@ def test_reset_and_remove_outside_inference_mode() -> None:
     assert (sb.n, sb.pos) == (0, 0)
     row, _ = sb.add([6, 7, 8], GREEDY)
     assert row == 0
+
+
+def test_prompts_arriving_together_share_one_prefill() -> None:
+    """`add_many` prefills ragged prompts in one left-padded forward; joined to a running row,
+    every sequence still decodes as it would alone."""
+    model = _model(ctx=48)
+    first, *together = _prompts([6, 3, 9, 1, 5])
+    sb = SlotBatch(model, 5)
+    row0, tok0 = sb.add(first, GREEDY)
+    outs = {row0: [tok0]}
+    for _ in range(4):
+        outs[row0].append(sb.step()[row0])
+    started = sb.add_many(together, [GREEDY] * len(together))
+    assert [r for r, _ in started] == [1, 2, 3, 4]
+    outs |= {r: [t] for r, t in started}
+    for _ in range(12):
+        for r, t in enumerate(sb.step()):
+            outs[r].append(t)
+    for r, p in enumerate([first, *together]):
+        alone = generate(model, [p], GREEDY)[0]
+        assert outs[r] == alone[: len(outs[r])]
