@@ -615,7 +615,7 @@ class Transformer(nn.Module):
             return self
         for block in self.layers:
             for mod in block.modules():
-                if type(mod) is nn.Linear and mod.weight.is_contiguous() and mod.weight.dim() == 2:
+                if type(mod) is nn.Linear and mod.weight.is_contiguous():
                     mod.weight.data = mod.weight.data.t().contiguous().t()
         if type(self.lm_head) is nn.Linear and not w.is_inference():  # (no version counter)
             self._head_t = (w, w._version, w.data_ptr(), w.detach().t().contiguous())

@@ -277,7 +277,9 @@ class Engine:
         if not rows:
             return
         try:
-            started = slots.add_many([r.prompt for r in rows], [_config(r) for r in rows])
+            started: list[tuple[int, int] | None] = list(
+                slots.add_many([r.prompt for r in rows], [_config(r) for r in rows])
+            )
         except Exception:  # noqa: BLE001 - retried one by one below
             started = []
             for r in rows:
@@ -286,31 +288,31 @@ class Engine:
                 except Exception as e:  # noqa: BLE001 - this row's failure, reported to it
                     message = f"generation failed: {type(e).__name__}: {e}"
                     self._events.append((r, "error", message))
-                    started.append((-1, 0))
+                    started.append(None)
         self._next_post = 0.0  # a new reply's first piece goes out at once
-        fed = []
-        for r, (row, tok) in zip(rows, started, strict=True):
-            if row < 0:
-                continue
-            r.tail = TextTail(self.tok)
-            live.append(r)
-            scans.append(StopScan(r.stops))
-            fed.append((r, tok))
-        # Feed the first tokens from the last new row down (see `_step`): `live` ends with them.
-        base = len(live) - len(fed)
-        for j in reversed(range(len(fed))):
-            r, tok = fed[j]
-            i = base + j
-            if not self._advance(r, tok, scans[i]) or not self._room(slots, i, r, scans):
-                self._drop(slots, live, scans, i)
+        for r, got in zip(rows, started, strict=True):
+            if got is not None:  # slots' rows are taken in order, as `live` grows
+                r.tail = TextTail(self.tok)
+                live.append(r)
+                scans.append(StopScan(r.stops))
+        self._feed(slots, live, scans, [got for got in started if got is not None])
 
     def _step(self, slots: SlotBatch, live: list[Row], scans: list[StopScan]) -> None:
-        """One token for every live row; finished rows leave (from the end: `remove` moves the
-        last row into the freed one, and the rows after i have been fed already)."""
-        toks = slots.step()
-        for i in reversed(range(len(live))):
+        """One token for every live row."""
+        self._feed(slots, live, scans, list(enumerate(slots.step())))
+
+    def _feed(
+        self,
+        slots: SlotBatch,
+        live: list[Row],
+        scans: list[StopScan],
+        tokens: list[tuple[int, int]],
+    ) -> None:
+        """Give each (row, token) to its row, from the highest row down: a finished row leaves,
+        and `remove` moves the last row, already fed, into its place."""
+        for i, tok in sorted(tokens, reverse=True):
             r = live[i]
-            if not self._advance(r, toks[i], scans[i]) or not self._room(slots, i, r, scans):
+            if not self._advance(r, tok, scans[i]) or not self._room(slots, i, r, scans):
                 self._drop(slots, live, scans, i)
 
     def _room(self, slots: SlotBatch, i: int, r: Row, scans: list[StopScan]) -> bool:
