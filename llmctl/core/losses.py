@@ -15,13 +15,16 @@ for the post-training losses (DPO, PPO) that weigh tokens individually. Its grad
 incoming per-token weights, so its backward recomputes each chunk's logits (one extra matmul).
 
 Precision: logits, softmax and loss are fp32 whatever the inputs; the matmuls run in the autocast
-dtype when autocast is on (as `nn.Linear` would), in the inputs' dtype otherwise; grad_weight is
-accumulated in fp32. The gradients are returned in the dtypes of hidden and weight.
+dtype when autocast is on (as `nn.Linear` would), in the inputs' dtype otherwise (bf16 ones through
+fp32 kernels on CPUs without bf16 arithmetic, `core/cpu_bf16.py`); grad_weight is accumulated in
+fp32. The gradients are returned in the dtypes of hidden and weight.
 """
 
 from __future__ import annotations
 
 import torch
+
+from llmctl.core.cpu_bf16 import mm
 
 IGNORE_INDEX = (
     -100
@@ -117,7 +120,7 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 def _chunk_logits_t(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """fp32 logits of one chunk, transposed: (vocab, rows). `w @ h.T` is the faster GEMM layout on
     CPU (the reduction dim is only d_model) and the per-row softmax becomes a column-wise one."""
-    return torch.mm(w, h.t()).float()
+    return mm(w, h.t()).float()
 
 
 def _softmax_columns_(logits_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -159,9 +162,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 g.t().scatter_add_(1, tc, -wc[:, None])
                 g = g.to(dtype)
                 if want_h:
-                    grad_h[r0 : r0 + rows] = torch.mm(g.t(), w)
+                    grad_h[r0 : r0 + rows] = mm(g.t(), w)
                 if want_w:
-                    grad_w.addmm_(g, hc) if dtype == torch.float32 else grad_w.add_(g @ hc)
+                    grad_w.addmm_(g, hc) if dtype == torch.float32 else grad_w.add_(mm(g, hc))
         if want_h or want_w:
             ctx.save_for_backward(grad_h, grad_w)
             ctx.weight_dtype = weight.dtype
@@ -217,7 +220,7 @@ class _TokenLogprobs(torch.autograd.Function):
                 g.t().scatter_add_(1, tc, gc[:, None])
                 g = g.to(dtype)
                 if want_h:
-                    grad_h[r0 : r0 + rows] = torch.mm(g.t(), w)
+                    grad_h[r0 : r0 + rows] = mm(g.t(), w)
                 if want_w:
-                    grad_w.addmm_(g, hc) if dtype == torch.float32 else grad_w.add_(g @ hc)
+                    grad_w.addmm_(g, hc) if dtype == torch.float32 else grad_w.add_(mm(g, hc))
         return grad_h, grad_w.to(weight.dtype) if want_w else None, None, None, None
