@@ -18,7 +18,9 @@ P @ V, which this path does not).
 
 `Runtime.autocast()` turns it on for bf16 on such CPUs (`matmuls()`: a `TorchFunctionMode` that
 routes `F.linear`, `mm`/`matmul`/`bmm`/`@` and `F.scaled_dot_product_attention` here while CPU
-autocast is in bf16 or the operands are bf16). `LLMCTL_CPU_BF16=native` keeps torch's own kernels.
+autocast is in bf16 or the operands are bf16). Products of fewer than 8 rows (decode steps) stay
+on torch's kernel, which is faster there than widening the weights. `LLMCTL_CPU_BF16=native` keeps
+torch's own kernels throughout.
 """
 
 from __future__ import annotations
@@ -176,10 +178,22 @@ def _active(*ts: torch.Tensor) -> bool:
     return all(t.dtype == BF16 for t in ts)
 
 
+def _few_rows(x: torch.Tensor) -> bool:
+    """A product with this few rows (a decode step) is cheaper in torch's bf16 kernel, whose cost
+    grows with the rows, than widening the whole weight to fp32 (a fixed cost): measured crossover
+    at about 6 rows."""
+    return x.numel() < _MIN_ROWS * x.shape[-1]
+
+
+_MIN_ROWS = 8
+
+
 def _linear(args: tuple, kwargs: dict) -> object:
     x, w, *rest = args
     b = rest[0] if rest else kwargs.get("bias")
     if not (_cpu_float(x, w) and (b is None or _cpu_float(b)) and _active(x, w)):
+        return NotImplemented
+    if _few_rows(x):
         return NotImplemented
     return _Linear.apply(x, w, b)
 
@@ -188,7 +202,7 @@ def _matmul(args: tuple, kwargs: dict) -> object:
     if kwargs or len(args) != 2:  # out= and friends: leave to torch
         return NotImplemented
     a, b = args
-    if not (_cpu_float(a, b) and a.ndim >= 2 and b.ndim >= 2 and _active(a, b)):
+    if not (_cpu_float(a, b) and a.ndim >= 2 and b.ndim >= 2 and _active(a, b)) or _few_rows(a):
         return NotImplemented
     return _Matmul.apply(a, b)
 
@@ -199,7 +213,7 @@ def _rmatmul(args: tuple, kwargs: dict) -> object:
 
 def _attention(args: tuple, kwargs: dict) -> object:
     q, k, v = (list(args) + [kwargs.get(n) for n in ("query", "key", "value")][len(args) :])[:3]
-    if not (_cpu_float(q, k, v) and _active(q, k, v)):
+    if not (_cpu_float(q, k, v) and _active(q, k, v)) or _few_rows(q):
         return NotImplemented
     kw = dict(kwargs)
     for name in ("query", "key", "value"):

@@ -93,6 +93,15 @@ def test_bf16_operands_without_autocast(emulated):
     _close(cpu_bf16.mm(a, b), torch.mm(a, b))
 
 
+def test_decode_sized_products_stay_on_torch_kernels(emulated):
+    x, w = torch.randn(1, 3, 64), torch.randn(48, 64)
+    with torch.autocast("cpu", dtype=BF16):
+        ref = F.linear(x, w)
+    with cpu_bf16_autocast():
+        out = F.linear(x, w)
+    assert torch.equal(out, ref)
+
+
 def test_fp32_untouched_outside_autocast(emulated):
     x, w = torch.randn(4, 8), torch.randn(5, 8)
     with cpu_bf16.matmuls():
