@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections.abc import Callable, Iterator
 
 import torch
@@ -62,6 +63,14 @@ def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.mm(a, b)
 
 
+def active() -> bool:
+    """Whether `matmuls()` is in effect here (activation checkpointing re-enters it for the
+    recompute, which otherwise runs torch's kernels and saves tensors of other shapes)."""
+    from torch.overrides import _get_current_function_mode_stack
+
+    return any(isinstance(m, _Bf16Matmuls) for m in _get_current_function_mode_stack())
+
+
 @contextlib.contextmanager
 def matmuls() -> Iterator[None]:
     """Route bf16 CPU matmuls and attention through fp32 kernels while active (see the module
@@ -69,11 +78,24 @@ def matmuls() -> Iterator[None]:
     if not emulate():
         yield
         return
+    if "torch._inductor.config" in sys.modules:
+        # torch.compile'd code would otherwise drop the x.to(bf16).float() round trips.
+        sys.modules["torch._inductor.config"].emulate_precision_casts = True
     with _Bf16Matmuls():
         yield
 
 
 # ------------------------------------------------------------------------------------------------
+
+
+def _no_double_backward() -> None:
+    # The saved operands are bf16 copies outside the graph: a differentiable backward
+    # (create_graph=True: gradient penalties, Hessian-vector products) would silently drop terms.
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "double backward (create_graph=True) is not supported by llmctl's bf16 path on this "
+            "CPU; set LLMCTL_CPU_BF16=native to use torch's bf16 kernels"
+        )
 
 
 def _round(t: torch.Tensor) -> torch.Tensor:
@@ -95,9 +117,9 @@ class _Linear(torch.autograd.Function):
         return y
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     @torch.autocast("cpu", enabled=False)
     def backward(ctx, g):  # noqa: ANN001, ANN205
+        _no_double_backward()
         xb, wb = ctx.saved_tensors
         xd, wd, bd = ctx.dtypes
         g = _round(g)
@@ -124,9 +146,9 @@ class _Matmul(torch.autograd.Function):
         return torch.matmul(ab.float(), bb.float()).to(BF16)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     @torch.autocast("cpu", enabled=False)
     def backward(ctx, g):  # noqa: ANN001, ANN205
+        _no_double_backward()
         ab, bb = ctx.saved_tensors
         ad, bd = ctx.dtypes
         g = _round(g)
@@ -191,10 +213,11 @@ _MIN_ROWS = 8
 def _linear(args: tuple, kwargs: dict) -> object:
     x, w, *rest = args
     b = rest[0] if rest else kwargs.get("bias")
-    if not (_cpu_float(x, w) and (b is None or _cpu_float(b)) and _active(x, w)):
+    operands = (x, w) if b is None else (x, w, b)
+    if not (_cpu_float(*operands) and _active(*operands)) or _few_rows(x):
         return NotImplemented
-    if _few_rows(x):
-        return NotImplemented
+    if x.ndim < 1 or w.ndim != 2 or (b is not None and b.ndim != 1):
+        return NotImplemented  # unusual shapes: torch's kernel (and its errors)
     return _Linear.apply(x, w, b)
 
 
@@ -202,9 +225,26 @@ def _matmul(args: tuple, kwargs: dict) -> object:
     if kwargs or len(args) != 2:  # out= and friends: leave to torch
         return NotImplemented
     a, b = args
-    if not (_cpu_float(a, b) and a.ndim >= 2 and b.ndim >= 2 and _active(a, b)) or _few_rows(a):
+    if not (_cpu_float(a, b) and a.ndim >= 2 and b.ndim >= 2 and _active(a, b)):
+        return NotImplemented
+    # Decode-sized either way round: (rows, d) @ W.T, or W @ (rows, d).T (`model._decode_linear`).
+    if _few_rows(a) or b.shape[-1] < _MIN_ROWS:
         return NotImplemented
     return _Matmul.apply(a, b)
+
+
+def _mm(args: tuple, kwargs: dict) -> object:
+    if len(args) == 2 and not (args[0].ndim == args[1].ndim == 2):
+        return NotImplemented  # torch raises its own error
+    return _matmul(args, kwargs)
+
+
+def _bmm(args: tuple, kwargs: dict) -> object:
+    if len(args) == 2 and not (
+        args[0].ndim == args[1].ndim == 3 and args[0].shape[0] == args[1].shape[0]
+    ):
+        return NotImplemented
+    return _matmul(args, kwargs)
 
 
 def _rmatmul(args: tuple, kwargs: dict) -> object:
@@ -215,6 +255,9 @@ def _attention(args: tuple, kwargs: dict) -> object:
     q, k, v = (list(args) + [kwargs.get(n) for n in ("query", "key", "value")][len(args) :])[:3]
     if not (_cpu_float(q, k, v) and _active(q, k, v)) or _few_rows(q):
         return NotImplemented
+    mask = args[3] if len(args) > 3 else kwargs.get("attn_mask")
+    if mask is not None and not (mask.dtype == torch.bool or _cpu_float(mask)):
+        return NotImplemented
     kw = dict(kwargs)
     for name in ("query", "key", "value"):
         kw.pop(name, None)
@@ -223,12 +266,12 @@ def _attention(args: tuple, kwargs: dict) -> object:
 
 _HANDLERS: dict[Callable, Callable[[tuple, dict], object]] = {
     F.linear: _linear,
-    torch.mm: _matmul,
+    torch.mm: _mm,
     torch.matmul: _matmul,
-    torch.bmm: _matmul,
-    torch.Tensor.mm: _matmul,
+    torch.bmm: _bmm,
+    torch.Tensor.mm: _mm,
     torch.Tensor.matmul: _matmul,
-    torch.Tensor.bmm: _matmul,
+    torch.Tensor.bmm: _bmm,
     torch.Tensor.__matmul__: _matmul,
     torch.Tensor.__rmatmul__: _rmatmul,
     F.scaled_dot_product_attention: _attention,

@@ -42,6 +42,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from llmctl.core import cpu_bf16
 from llmctl.core.runtime import Runtime
 
 Parallel = Literal["none", "ddp", "fsdp"]
@@ -125,16 +126,23 @@ def checkpoint_activations(model: nn.Module) -> None:
     activations there (about one more forward per step for activations of one block instead of
     all of them). The blocks' `forward` is replaced per instance, so parameter names and
     checkpoints are unchanged; decoding (no grad) runs the plain forward."""
-    from torch.utils.checkpoint import checkpoint
+    from torch.utils.checkpoint import checkpoint, noop_context_fn
 
     for block in model.layers:
 
         def forward(*args: Any, _inner: Any = block.forward, **kw: Any) -> torch.Tensor:
             if not torch.is_grad_enabled():
                 return _inner(*args, **kw)
-            return checkpoint(_inner, *args, use_reentrant=False, **kw)
+            # The recompute restores autocast itself; the bf16-on-CPU mode is re-entered here, or
+            # it would save tensors of other shapes than the first pass did.
+            ctx = _recompute_in_bf16_mode if cpu_bf16.active() else noop_context_fn
+            return checkpoint(_inner, *args, use_reentrant=False, context_fn=ctx, **kw)
 
         block.forward = forward
+
+
+def _recompute_in_bf16_mode() -> tuple[Any, Any]:
+    return contextlib.nullcontext(), cpu_bf16.matmuls()
 
 
 def unfuse(model: nn.Module) -> None:

@@ -189,3 +189,43 @@ def test_native_override(monkeypatch):
         y = F.linear(x, w)
     assert y.dtype == BF16
     assert not torch.is_autocast_enabled("cpu")
+
+
+def test_activation_checkpointing_recomputes_in_the_same_mode(emulated):
+    from llmctl.core.parallel import checkpoint_activations
+
+    cfg = ModelConfig(
+        vocab_size=128, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=16
+    )
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(2))
+    runs = []
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        model = Transformer(cfg)
+        if ckpt:
+            checkpoint_activations(model)
+        with cpu_bf16_autocast():
+            loss = model(ids, targets=ids)
+        loss.backward()  # recomputes each block in backward, outside the autocast block
+        runs.append((loss.item(), [p.grad for p in model.parameters()]))
+    assert runs[0][0] == runs[1][0]
+    for a, b in zip(runs[0][1], runs[1][1], strict=True):
+        assert torch.equal(a, b)
+
+
+def test_wrong_ranks_raise_as_torch_does(emulated):
+    a3, b2 = torch.randn(2, 16, 8), torch.randn(8, 16)
+    with cpu_bf16_autocast():
+        with pytest.raises(RuntimeError, match="matrix"):
+            torch.mm(a3, b2)
+        with pytest.raises(RuntimeError, match="3D"):
+            torch.bmm(b2.t(), b2)
+        assert torch.bmm(a3, torch.randn(2, 8, 16)).shape == (2, 16, 16)
+
+
+def test_double_backward_refused(emulated):
+    x, w = _leaf(16, 8, seed=10), _leaf(12, 8, seed=11)
+    with cpu_bf16_autocast():
+        z = F.linear(x, w).float().square().sum()
+    with pytest.raises(RuntimeError, match="LLMCTL_CPU_BF16=native"):
+        torch.autograd.grad(z, x, create_graph=True)
