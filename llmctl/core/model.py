@@ -172,6 +172,21 @@ def chinchilla_tokens(cfg: ModelConfig) -> int:
     return 20 * param_count(cfg)
 
 
+def init_parameter(
+    cfg: ModelConfig, name: str, p: torch.Tensor, generator: torch.Generator | None = None
+) -> None:
+    """Initialise one parameter in place, as `Transformer.init_weights` does for `name`: gains at
+    1, residual output projections N(0, init_std / sqrt(2L)), other matrices N(0, init_std).
+    Called in `named_parameters` order with one generator, it gives `init_weights`' values (also
+    for a model materialised from the meta device one parameter at a time, `parallel.materialize`)."""
+    if p.ndim == 1:
+        p.fill_(1.0)
+    elif name.endswith(("wo.weight", "w2.weight")):
+        p.normal_(0.0, cfg.init_std / math.sqrt(2 * cfg.n_layers), generator=generator)
+    else:
+        p.normal_(0.0, cfg.init_std, generator=generator)
+
+
 # ------------------------------------------------------------------------------------------------
 
 
@@ -429,14 +444,8 @@ class Transformer(nn.Module):
         """Normal(0, init_std) for matrices, residual output projections scaled by 1/sqrt(2L)
         (GPT-2 / nanoGPT), norms at 1. Separate from __init__ so a model built on the meta device
         can be sharded first and initialised after."""
-        std = self.cfg.init_std
         for name, p in self.named_parameters():
-            if p.ndim == 1:
-                p.fill_(1.0)
-            elif name.endswith(("wo.weight", "w2.weight")):
-                p.normal_(0.0, std / math.sqrt(2 * self.cfg.n_layers), generator=generator)
-            else:
-                p.normal_(0.0, std, generator=generator)
+            init_parameter(self.cfg, name, p, generator)
         cos, sin = rope_tables(self.cfg, self.rope_cos.device)
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)

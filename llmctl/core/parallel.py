@@ -9,8 +9,10 @@
 
 Both average gradients over ranks, so with each rank's loss the mean over its own rows the update is
 the single-process update of the global batch. The model is built whole on every rank from the same
-seed before it is sharded, so a run's initial weights do not depend on the number of ranks (a model
-too big for one device's memory would be built on the meta device instead: not done yet).
+seed before it is sharded, so a run's initial weights do not depend on the number of ranks. Under
+FSDP or TP, `pretrain` builds it on the meta device instead (`build_on_meta`), wraps it, and
+`materialize`s it: each rank allocates only its shards and fills them from the same whole-model
+values, one parameter at a time (the initial weights of the seed, or the checkpoint resumed).
 
 Checkpoints (`core/checkpoint.py`) come in two forms. One file: `full_model_state` and
 `full_optimizer_state` gather the state onto rank 0's CPU, `load_optimizer_state` shards it again.
@@ -119,6 +121,72 @@ def wrap(
             fully_shard(block, mesh=mesh, mp_policy=mp)
         fully_shard(model, mesh=mesh, mp_policy=mp)
     return model
+
+
+def build_on_meta(cfg: Any) -> nn.Module:
+    """The model with its parameters on the meta device: shapes only, no memory, no init. Wrap it
+    (`wrap`: TP, FSDP) and then `materialize` it, so each rank only ever allocates its shards."""
+    from llmctl.core.model import Transformer
+
+    with torch.device("meta"):
+        return Transformer(cfg)
+
+
+@torch.no_grad()
+def materialize(
+    model: nn.Module,
+    device: torch.device,
+    *,
+    seed: int | None = None,
+    state: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """Give a wrapped meta-device model (`build_on_meta`) real storage on `device` and fill it:
+    with `state` (a whole, fused-layout state dict: a checkpoint being resumed) or else with the
+    initial weights of `seed`, exactly those `Transformer.init_weights(torch.Generator()
+    .manual_seed(seed))` gives a whole model. Either way one whole parameter at a time is built on
+    the CPU and each rank keeps its own shard of it (`distribute_tensor` without communication:
+    every rank holds the same values), so the peak is one parameter plus this rank's shards, and
+    the weights do not depend on the number of ranks or on `tp`."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    from llmctl.core.model import init_parameter, rope_tables
+
+    cfg = model.cfg
+    model.to_empty(device=device)
+    if cfg.tie_embeddings and model.lm_head.weight is not model.embed.weight:
+        model.lm_head.weight = model.embed.weight  # to_empty from meta makes each module its own
+    cos, sin = rope_tables(cfg, device)
+    model.rope_cos.copy_(cos)
+    model.rope_sin.copy_(sin)
+    params = dict(model.named_parameters(remove_duplicate=False))  # tied: both names
+
+    def whole() -> Any:
+        if state is not None:
+            yield from state.items()
+            return
+        generator = torch.Generator().manual_seed(0 if seed is None else seed)
+        with torch.device("meta"):
+            shapes = [(n, p.shape) for n, p in type(model)(cfg).named_parameters()]
+        for name, shape in shapes:  # init_weights' order, so the same draws
+            t = torch.empty(shape)
+            init_parameter(cfg, name, t, generator)
+            yield name, t
+
+    seen = set()
+    for name, full in whole():
+        for pname, part in _split_state({name: full}, model).items():
+            if pname not in params:
+                raise KeyError(f"{pname} is not a parameter of this model")
+            p = params[pname]
+            if isinstance(p, DTensor):
+                part = distribute_tensor(
+                    part.to(device), p.device_mesh, p.placements, src_data_rank=None
+                )
+            p.copy_(part)
+            seen.add(id(p))
+    missing = [n for n, p in model.named_parameters() if id(p) not in seen]
+    if missing:
+        raise KeyError(f"no values for {missing}")
 
 
 def checkpoint_activations(model: nn.Module) -> None:

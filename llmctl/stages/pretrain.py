@@ -64,6 +64,7 @@ from llmctl.core.model import (
 )
 from llmctl.core.optim import make_adamw
 from llmctl.core.parallel import (
+    build_on_meta,
     clip_grad_norm,
     data_parallel,
     data_rank,
@@ -71,6 +72,7 @@ from llmctl.core.parallel import (
     full_optimizer_state,
     load_optimizer_state,
     load_sharded_optimizer,
+    materialize,
     save_sharded,
     wrap,
 )
@@ -420,6 +422,9 @@ def _run(
         progress.log(line)
     p = plan(cfg, data.tokenizer.vocab_size, dp)
     torch.manual_seed(cfg.seed)
+    # Under FSDP or TP the model is built on the meta device and each rank materialises only its
+    # own shards (core/parallel.py), so no rank ever holds the whole model on its device.
+    meta = (mode == "fsdp" or cfg.tp > 1) and cfg.pp == 1 and not cfg.init
     if cfg.init:
         # The tokens must be encoded with the checkpoint's tokenizer: load_checkpoint checks fingerprints.
         model = load_checkpoint(
@@ -436,13 +441,17 @@ def _run(
             raise ConfigError(
                 f"--seq-len {cfg.seq_len} exceeds {cfg.init}'s context ({model.cfg.max_seq_len})"
             )
+    elif meta:  # sharded over ranks: nothing is allocated before `materialize` below
+        model = build_on_meta(p["model"])
     else:
-        model = Transformer(p["model"]).to(rt.device)
+        model = Transformer(p["model"])
+        model.init_weights(torch.Generator().manual_seed(cfg.seed))  # = materialize's values
+        model = model.to(rt.device)
     mcfg: ModelConfig = model.cfg
     run_dir = partial_path(dst)
-    start, resumed_from = 0, None
+    start, resumed_from, resumed_state = 0, None, None
     if resume:
-        start, resumed_from = _resume(run_dir, cfg, model, rt)  # weights: into the whole model
+        start, resumed_from, resumed_state = _resume(run_dir, cfg, model, rt, into_model=not meta)
     if cfg.tp > 1 and (mcfg.n_kv_heads % cfg.tp or mcfg.d_ff % cfg.tp):
         raise ConfigError(
             f"--tp {cfg.tp} must divide n_kv_heads ({mcfg.n_kv_heads}) and d_ff ({mcfg.d_ff})",
@@ -466,6 +475,9 @@ def _run(
         wrapped = pipe.stage  # this rank's blocks; the optimizer holds only their parameters
     else:
         wrapped = wrap(model, mode, rt, tp=cfg.tp, checkpointing=cfg.activation_checkpointing)
+        if meta:
+            materialize(model, rt.device, seed=cfg.seed, state=resumed_state)
+            resumed_state = None
     opt = make_adamw(
         pipe.stage if pipe else model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2)
     )
@@ -655,20 +667,27 @@ def _trainer_state(step: int, cfg: PretrainConfig, rt: Runtime) -> dict:
 
 
 def _resume(
-    run_dir: Path, cfg: PretrainConfig, model: Transformer, rt: Runtime
-) -> tuple[int, Path]:
+    run_dir: Path, cfg: PretrainConfig, model: Transformer, rt: Runtime, *, into_model: bool
+) -> tuple[int, Path, dict[str, torch.Tensor] | None]:
+    """The step and checkpoint to resume from. The weights go into `model` (`into_model`), or
+    come back as a CPU state dict for `materialize` (a meta-device model, sharded later)."""
     ckpt = latest_checkpoint(run_dir) if run_dir.is_dir() else None
     if ckpt is None:
         raise InputError(
             f"nothing to resume: no checkpoint in {run_dir / 'checkpoints'}", "run without --resume"
         )
-    loaded = load_checkpoint(ckpt, device=rt.device, trust_shards=True)  # this run's own files
+    device = rt.device if into_model else torch.device("cpu")
+    loaded = load_checkpoint(ckpt, device=device, trust_shards=True)  # this run's own files
     if loaded.model.cfg != model.cfg:
         raise ConfigError(
             f"{ckpt} has a different model shape than this run's flags",
             "resume with the original flags",
         )
-    model.load_state_dict(loaded.model.state_dict())
+    weights = None
+    if into_model:
+        model.load_state_dict(loaded.model.state_dict())
+    else:
+        weights = loaded.model.state_dict()
     state = load_trainer_state(ckpt, None)  # the optimizer is loaded once the model is wrapped
     saved = state.get("config", {})
     names = {f.name for f in fields(PretrainConfig)}
@@ -689,4 +708,4 @@ def _resume(
             f"--resume with different settings than the run being resumed: {', '.join(diff)}",
             "pass the original flags (they are in " + str(ckpt / "trainer_state.json") + ")",
         )
-    return int(state["step"]), ckpt
+    return int(state["step"]), ckpt, weights

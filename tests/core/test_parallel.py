@@ -12,12 +12,14 @@ import torch
 from llmctl.core.model import ModelConfig, Transformer
 from llmctl.core.optim import make_adamw
 from llmctl.core.parallel import (
+    build_on_meta,
     checkpoint_activations,
     clip_grad_norm,
     full_model_state,
     full_optimizer_state,
     fuse_state,
     load_optimizer_state,
+    materialize,
     unfuse,
 )
 
@@ -106,3 +108,34 @@ def test_clip_grad_norm_equals_torchs(max_norm: float) -> None:
     assert abs(clip_grad_norm(list(b.parameters()), max_norm) - float(ref)) < 1e-6
     for p, q in zip(a.parameters(), b.parameters(), strict=True):
         assert torch.allclose(p.grad, q.grad)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+@pytest.mark.parametrize("split", [False, True])
+def test_a_meta_model_materialises_to_the_seeds_weights(tie: bool, split: bool) -> None:
+    cfg = CFG.replace(tie_embeddings=tie)
+    whole = Transformer(cfg)
+    whole.init_weights(torch.Generator().manual_seed(3))
+    meta = build_on_meta(cfg)
+    assert all(p.is_meta for p in meta.parameters())
+    if split:  # the tensor-parallel layout: values arrive fused and are split by rows
+        unfuse(meta)
+    materialize(meta, torch.device("cpu"), seed=3)
+    assert (meta.lm_head.weight is meta.embed.weight) == tie
+    assert torch.equal(meta.rope_cos, whole.rope_cos)
+    ids = torch.randint(0, cfg.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(meta(ids), whole(ids))
+    got = fuse_state(meta.state_dict())
+    want = whole.state_dict()
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_a_meta_model_materialises_from_a_state_dict() -> None:
+    src = model(5)
+    meta = build_on_meta(CFG)
+    materialize(meta, torch.device("cpu"), state=src.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(meta.parameters(), src.parameters(), strict=True))
+    partial = {k: v for k, v in src.state_dict().items() if k != "norm.weight"}
+    with pytest.raises(KeyError, match="norm.weight"):
+        materialize(build_on_meta(CFG), torch.device("cpu"), state=partial)
