@@ -26,13 +26,13 @@ import json
 import os
 import shutil
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from llmctl import __version__
@@ -310,6 +310,25 @@ def load_checkpoint(
     if inference:
         model.inference_layout()
     return Checkpoint(path, model, tok, cfg)
+
+
+def iter_weights(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """A one-file checkpoint's weights, one tensor at a time, read from the memory-mapped file (for
+    `parallel.materialize`: a rank never holds more than one whole tensor of them).
+
+    Raises:
+        InputError: The file is corrupt or truncated.
+    """
+    file = Path(path) / WEIGHTS
+    try:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            names = list(f.keys())
+            for name in names:
+                yield name, f.get_tensor(name)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise InputError(
+            f"{file} is corrupt or truncated ({e})", "re-save or re-download the checkpoint"
+        ) from None
 
 
 def _load_shards(directory: Path, mcfg: ModelConfig) -> dict[str, torch.Tensor]:

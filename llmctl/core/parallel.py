@@ -38,6 +38,7 @@ import contextlib
 import logging
 import math
 import warnings
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -138,10 +139,11 @@ def materialize(
     device: torch.device,
     *,
     seed: int | None = None,
-    state: dict[str, torch.Tensor] | None = None,
+    state: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]] | None = None,
 ) -> None:
     """Give a wrapped meta-device model (`build_on_meta`) real storage on `device` and fill it:
-    with `state` (a whole, fused-layout state dict: a checkpoint being resumed) or else with the
+    with `state` (a whole, fused-layout state dict, or its (name, tensor) pairs one at a time as
+    `checkpoint.iter_weights` reads them: a checkpoint being resumed) or else with the
     initial weights of `seed`, exactly those `Transformer.init_weights(torch.Generator()
     .manual_seed(seed))` gives a whole model. Either way one whole parameter at a time is built on
     the CPU and each rank keeps its own shard of it (`distribute_tensor` without communication:
@@ -162,7 +164,7 @@ def materialize(
 
     def whole() -> Any:
         if state is not None:
-            yield from state.items()
+            yield from state.items() if isinstance(state, Mapping) else state
             return
         generator = torch.Generator().manual_seed(0 if seed is None else seed)
         with torch.device("meta"):
@@ -483,6 +485,17 @@ def save_sharded(model: nn.Module, opt: torch.optim.Optimizer, directory: Path) 
 
     msd, osd = get_state_dict(model, opt)
     dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(directory))
+
+
+def load_sharded_model(model: nn.Module, directory: Path) -> None:
+    """Collective: read the weights of a `save_sharded` directory straight into this run's shards
+    of `model` (FSDP/TP, materialised), resharded to its ranks: no rank reads the whole model."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    state = {"model": get_model_state_dict(model)}
+    dcp.load(state, checkpoint_id=str(directory))
+    set_model_state_dict(model, state["model"])
 
 
 def load_sharded_optimizer(model: nn.Module, opt: torch.optim.Optimizer, directory: Path) -> None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 import shutil
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Literal
@@ -42,7 +43,9 @@ from llmctl.core.artifacts import (
 from llmctl.core.batches import Source, WindowSampler, val_windows
 from llmctl.core.checkpoint import (
     SHARDS,
+    WEIGHTS,
     check_checkpoint_dir,
+    iter_weights,
     latest_checkpoint,
     load_checkpoint,
     load_trainer_state,
@@ -71,6 +74,7 @@ from llmctl.core.parallel import (
     full_model_state,
     full_optimizer_state,
     load_optimizer_state,
+    load_sharded_model,
     load_sharded_optimizer,
     materialize,
     save_sharded,
@@ -476,7 +480,10 @@ def _run(
     else:
         wrapped = wrap(model, mode, rt, tp=cfg.tp, checkpointing=cfg.activation_checkpointing)
         if meta:
-            materialize(model, rt.device, seed=cfg.seed, state=resumed_state)
+            from_file = None if isinstance(resumed_state, Path) else resumed_state
+            materialize(model, rt.device, seed=cfg.seed, state=from_file)
+            if isinstance(resumed_state, Path):
+                load_sharded_model(model, resumed_state)
             resumed_state = None
     opt = make_adamw(
         pipe.stage if pipe else model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2)
@@ -668,26 +675,32 @@ def _trainer_state(step: int, cfg: PretrainConfig, rt: Runtime) -> dict:
 
 def _resume(
     run_dir: Path, cfg: PretrainConfig, model: Transformer, rt: Runtime, *, into_model: bool
-) -> tuple[int, Path, dict[str, torch.Tensor] | None]:
-    """The step and checkpoint to resume from. The weights go into `model` (`into_model`), or
-    come back as a CPU state dict for `materialize` (a meta-device model, sharded later)."""
+) -> tuple[int, Path, Iterable[tuple[str, torch.Tensor]] | Path | None]:
+    """The step and checkpoint to resume from. The weights go into `model` (`into_model`), or,
+    for a meta-device model sharded later, come back as what `materialize` reads them from: the
+    one-file checkpoint's tensors one at a time, or its DCP shards directory."""
     ckpt = latest_checkpoint(run_dir) if run_dir.is_dir() else None
     if ckpt is None:
         raise InputError(
             f"nothing to resume: no checkpoint in {run_dir / 'checkpoints'}", "run without --resume"
         )
-    device = rt.device if into_model else torch.device("cpu")
-    loaded = load_checkpoint(ckpt, device=device, trust_shards=True)  # this run's own files
-    if loaded.model.cfg != model.cfg:
+    if into_model:
+        loaded = load_checkpoint(ckpt, device=rt.device, trust_shards=True)  # this run's own files
+        saved_cfg = loaded.model.cfg
+    else:
+        saved_cfg = ModelConfig.from_dict(check_checkpoint_dir(ckpt)["model"])
+    if saved_cfg != model.cfg:
         raise ConfigError(
             f"{ckpt} has a different model shape than this run's flags",
             "resume with the original flags",
         )
-    weights = None
+    weights: Iterable[tuple[str, torch.Tensor]] | Path | None = None
     if into_model:
         model.load_state_dict(loaded.model.state_dict())
+    elif (ckpt / WEIGHTS).is_file():
+        weights = iter_weights(ckpt)  # read one tensor at a time while materialising
     else:
-        weights = loaded.model.state_dict()
+        weights = ckpt / SHARDS  # DCP shards: read straight into this rank's shards
     state = load_trainer_state(ckpt, None)  # the optimizer is loaded once the model is wrapped
     saved = state.get("config", {})
     names = {f.name for f in fields(PretrainConfig)}

@@ -14,6 +14,7 @@ from llmctl.core.checkpoint import (
     STATE_JSON,
     STATE_TENSORS,
     WEIGHTS,
+    iter_weights,
     load_checkpoint,
     load_trainer_state,
     save_checkpoint,
@@ -101,6 +102,23 @@ def test_truncated_weights(saved: tuple[Path, Transformer], keep: int) -> None:
     weights.write_bytes(weights.read_bytes()[:keep])
     with pytest.raises(InputError, match=r"model\.safetensors is corrupt or truncated"):
         load_checkpoint(path)
+
+
+def test_iter_weights_reads_one_tensor_at_a_time(saved: tuple[Path, Transformer]) -> None:
+    path, model = saved
+    want = load_checkpoint(path).model.state_dict()
+    got = dict(iter_weights(path))
+    assert set(got) <= set(want)  # a tied head is stored once
+    assert all(torch.equal(got[k], want[k]) for k in got)
+
+
+@pytest.mark.parametrize("keep", [0, 8, -1])
+def test_iter_weights_truncated(saved: tuple[Path, Transformer], keep: int) -> None:
+    path, _ = saved
+    weights = path / WEIGHTS
+    weights.write_bytes(weights.read_bytes()[:keep])
+    with pytest.raises(InputError, match=r"model\.safetensors is corrupt or truncated"):
+        dict(iter_weights(path))
 
 
 @pytest.mark.parametrize("missing", [WEIGHTS, CONFIG, MODEL_FILE])
