@@ -242,6 +242,35 @@ def check_checkpoint_dir(path: Path) -> dict[str, Any]:
     return cfg
 
 
+def check_checkpoint(
+    path: Path, tokenizer: Tokenizer | None = None
+) -> tuple[dict[str, Any], ModelConfig, Tokenizer]:
+    """Everything `load_checkpoint` checks before it reads the weights: the files, config.json,
+    and that `tokenizer` (default: the stored one) is the one the model was trained with.
+
+    Returns:
+        config.json, the model config and the tokenizer to use.
+
+    Raises:
+        InputError: Missing or invalid files, or a tokenizer mismatch.
+    """
+    path = Path(path)
+    cfg = check_checkpoint_dir(path)
+    mcfg = ModelConfig.from_dict(cfg["model"])
+    stored = Tokenizer.load(path / MODEL_FILE)
+    tok = tokenizer or stored
+    expected = cfg.get("tokenizer", {}).get("fingerprint")
+    if expected and tok.fingerprint != expected:
+        raise InputError(
+            f"tokenizer {tok.fingerprint} does not match checkpoint {path} (trained with {expected})",
+            f"use the checkpoint's own tokenizer ({path / MODEL_FILE}) or re-tokenize with it: "
+            f"llmctl tokenize DOCS -o TOKENS --tokenizer {path}",
+        )
+    if tok.vocab_size != mcfg.vocab_size:
+        raise InputError(f"tokenizer has {tok.vocab_size} ids, model expects {mcfg.vocab_size}")
+    return cfg, mcfg, tok
+
+
 def load_checkpoint(
     path: Path,
     device: torch.device | str = "cpu",
@@ -266,19 +295,7 @@ def load_checkpoint(
         InputError: Any file missing, corrupt, truncated or inconsistent, or a tokenizer mismatch.
     """
     path = Path(path)
-    cfg = check_checkpoint_dir(path)
-    mcfg = ModelConfig.from_dict(cfg["model"])
-    stored = Tokenizer.load(path / MODEL_FILE)
-    tok = tokenizer or stored
-    expected = cfg.get("tokenizer", {}).get("fingerprint")
-    if expected and tok.fingerprint != expected:
-        raise InputError(
-            f"tokenizer {tok.fingerprint} does not match checkpoint {path} (trained with {expected})",
-            f"use the checkpoint's own tokenizer ({path / MODEL_FILE}) or re-tokenize with it: "
-            f"llmctl tokenize DOCS -o TOKENS --tokenizer {path}",
-        )
-    if tok.vocab_size != mcfg.vocab_size:
-        raise InputError(f"tokenizer has {tok.vocab_size} ids, model expects {mcfg.vocab_size}")
+    cfg, mcfg, tok = check_checkpoint(path, tokenizer)
     try:
         if (path / WEIGHTS).is_file():
             sd = load_file(str(path / WEIGHTS), device="cpu")

@@ -44,6 +44,7 @@ from llmctl.core.batches import Source, WindowSampler, val_windows
 from llmctl.core.checkpoint import (
     SHARDS,
     WEIGHTS,
+    check_checkpoint,
     check_checkpoint_dir,
     iter_weights,
     latest_checkpoint,
@@ -428,12 +429,20 @@ def _run(
     torch.manual_seed(cfg.seed)
     # Under FSDP or TP the model is built on the meta device and each rank materialises only its
     # own shards (core/parallel.py), so no rank ever holds the whole model on its device.
-    meta = (mode == "fsdp" or cfg.tp > 1) and cfg.pp == 1 and not cfg.init
-    if cfg.init:
+    meta = (mode == "fsdp" or cfg.tp > 1) and cfg.pp == 1
+    init_tensors = None
+    if cfg.init and meta and (Path(cfg.init) / WEIGHTS).is_file():
+        # The tokens must be encoded with the checkpoint's tokenizer (check_checkpoint checks);
+        # its tensors are read one at a time into the shards by `materialize` below.
+        model = build_on_meta(check_checkpoint(Path(cfg.init), data.tokenizer)[1])
+        init_tensors = iter_weights(Path(cfg.init))
+    elif cfg.init:
+        meta = False  # a sharded checkpoint to start from is read whole (core/checkpoint.py)
         # The tokens must be encoded with the checkpoint's tokenizer: load_checkpoint checks fingerprints.
         model = load_checkpoint(
             Path(cfg.init), device=rt.device, tokenizer=data.tokenizer
         ).model.train()
+    if cfg.init:
         data.inputs.append(input_record(cfg.init, "checkpoint"))
         p = {
             **p,
@@ -481,7 +490,7 @@ def _run(
         wrapped = wrap(model, mode, rt, tp=cfg.tp, checkpointing=cfg.activation_checkpointing)
         if meta:
             from_file = None if isinstance(resumed_state, Path) else resumed_state
-            materialize(model, rt.device, seed=cfg.seed, state=from_file)
+            materialize(model, rt.device, seed=cfg.seed, state=from_file or init_tensors)
             if isinstance(resumed_state, Path):
                 load_sharded_model(model, resumed_state)
             resumed_state = None

@@ -66,6 +66,9 @@ def train(out: Path, cfg: dict) -> None:
             )
         dist.barrier()
         pretrain.run(resumed, fsdp, resume=True)
+    # --init from the one-file final checkpoint: read tensor by tensor into the shards.
+    init = {**cfg, "parallel": "fsdp", "init": str(out / "fsdp"), "max_steps": 2}
+    pretrain.run(out / "init2", pretrain.PretrainConfig(**init))
 
 
 def tensor_parallel(out: Path, cfg: dict) -> None:

@@ -108,6 +108,18 @@ def test_two_ranks_match_one_process(runs: Runs, mode: str) -> None:
 
 
 @pytest.mark.slow
+def test_fsdp_init_from_a_checkpoint_matches_one_process(
+    runs: Runs, tokens_dir: Path, tiny_pretrain
+) -> None:
+    over = {**SETTINGS, "micro_batch": 8, "init": str(runs / "fsdp"), "max_steps": 2}
+    pretrain.run(runs / "init1", tiny_pretrain(tokens_dir, **over))
+    one, two = losses(runs / "init1"), losses(runs / "init2")
+    assert sorted(two) == [1, 2]
+    assert max(abs(one[s] - two[s]) for s in one) < 1e-4, (one, two)
+    assert two[1] < losses(runs / "ref")[1] - 0.1  # it starts from the trained weights
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize(("run", "resumed"), [("fsdp", "resume2"), ("sharded", "resume2s")])
 def test_fsdp_checkpoint_resumes_on_two_ranks_and_on_one(
     runs: Runs, tokens_dir: Path, tiny_pretrain, run: str, resumed: str
