@@ -151,7 +151,7 @@ def materialize(
     the weights do not depend on the number of ranks or on `tp`."""
     from torch.distributed.tensor import DTensor, distribute_tensor
 
-    from llmctl.core.model import init_parameter, rope_tables
+    from llmctl.core.model import Transformer, init_parameter, rope_tables
 
     cfg = model.cfg
     model.to_empty(device=device)
@@ -168,7 +168,7 @@ def materialize(
             return
         generator = torch.Generator().manual_seed(0 if seed is None else seed)
         with torch.device("meta"):
-            shapes = [(n, p.shape) for n, p in type(model)(cfg).named_parameters()]
+            shapes = [(n, p.shape) for n, p in Transformer(cfg).named_parameters()]
         for name, shape in shapes:  # init_weights' order, so the same draws
             t = torch.empty(shape)
             init_parameter(cfg, name, t, generator)
