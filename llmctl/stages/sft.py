@@ -25,7 +25,9 @@ trains on its own share of every micro-step's rows (`--micro-batch` per rank, `-
 global; core/data_parallel.py). Ranks hold different numbers of target tokens, so each rank's
 token-mean loss is weighted by its share of the micro-step's target tokens: the update is the one
 a single process makes with micro-batch x N rows. LoRA runs under DDP; with FSDP it is refused
-(the merge and the adapter state read whole weights, which FSDP keeps sharded).
+(the merge and the adapter state read whole weights, which FSDP keeps sharded). Under FSDP the
+model is built on the meta device and each rank reads only its own shards of the `--init` (or
+resumed) checkpoint, one tensor at a time (`parallel.materialize`).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import math
 import random
 import shutil
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Literal
@@ -53,6 +56,9 @@ from llmctl.core.chatdata import (
     pack,
 )
 from llmctl.core.checkpoint import (
+    WEIGHTS,
+    check_checkpoint,
+    iter_weights,
     latest_checkpoint,
     load_checkpoint,
     load_extra_tensors,
@@ -73,9 +79,11 @@ from llmctl.core.errors import ConfigError, InputError
 from llmctl.core.optim import make_adamw
 from llmctl.core.parallel import (
     Parallel,
+    build_on_meta,
     full_model_state,
     full_optimizer_state,
     load_optimizer_state,
+    materialize,
     wrap,
 )
 from llmctl.core.plots import plot_metrics
@@ -263,8 +271,16 @@ def _run(
     progress: Progress,
 ) -> Manifest:
     torch.manual_seed(cfg.seed)
-    ckpt = load_checkpoint(Path(cfg.init), device=rt.device)
-    model, tok = ckpt.model.train(), ckpt.tokenizer
+    # Under FSDP the model is built on the meta device and each rank materialises only its own
+    # shards, reading the checkpoint one tensor at a time (core/parallel.py `materialize`).
+    meta = mode == "fsdp" and (Path(cfg.init) / WEIGHTS).is_file()
+    weights: Iterable[tuple[str, torch.Tensor]] | None = None
+    if meta:
+        _, mcfg, tok = check_checkpoint(Path(cfg.init))
+        model, weights = build_on_meta(mcfg), iter_weights(Path(cfg.init))
+    else:
+        ckpt = load_checkpoint(Path(cfg.init), device=rt.device)
+        model, tok = ckpt.model.train(), ckpt.tokenizer
     if cfg.seq_len > model.cfg.max_seq_len:
         raise ConfigError(
             f"--seq-len {cfg.seq_len} exceeds {cfg.init}'s context ({model.cfg.max_seq_len})",
@@ -283,9 +299,14 @@ def _run(
     trainable = _setup_lora(model, cfg)
     inputs = [src.record(), input_record(cfg.init, "checkpoint")]
     start, resumed_from = 0, None
-    if resume:  # the weights go into the whole model, before it is wrapped
-        start, resumed_from = _resume(partial_path(dst), cfg, model, rt)
+    if resume:  # the weights go into the whole model before it is wrapped, or replace `weights`
+        start, resumed_from, resumed = _resume(
+            partial_path(dst), cfg, model, rt, into_model=not meta
+        )
+        weights = resumed or weights
     wrapped = wrap(model, mode, rt)  # FSDP shards `model` in place; DDP returns a wrapper
+    if meta:
+        materialize(model, rt.device, state=weights)
     opt = make_adamw(model, cfg.lr, cfg.weight_decay, (0.9, 0.95))
     if resumed_from is not None:  # also restores the RNG state
         load_optimizer_state(model, opt, read_optimizer_state(resumed_from))
@@ -452,9 +473,12 @@ def _checkpoint_state(
     }
 
 
-def _resume(run_dir: Path, cfg: SFTConfig, model: torch.nn.Module, rt: Runtime) -> tuple[int, Path]:
-    """Check the run being resumed and load its weights (or adapters) into the unwrapped model;
-    the optimizer is loaded once the model is wrapped. Returns (step, checkpoint)."""
+def _resume(
+    run_dir: Path, cfg: SFTConfig, model: torch.nn.Module, rt: Runtime, *, into_model: bool
+) -> tuple[int, Path, Iterable[tuple[str, torch.Tensor]] | None]:
+    """Check the run being resumed and load its weights (or adapters) into the unwrapped model
+    (`into_model`), or return them to read one tensor at a time into a meta-device model's shards;
+    the optimizer is loaded once the model is wrapped. Returns (step, checkpoint, weights)."""
     ckpt = latest_checkpoint(run_dir) if run_dir.is_dir() else None
     if ckpt is None:
         raise InputError(
@@ -483,7 +507,10 @@ def _resume(run_dir: Path, cfg: SFTConfig, model: torch.nn.Module, rt: Runtime) 
         load_lora_state_dict(
             model, {k[len("lora.") :]: v for k, v in extra.items() if k.startswith("lora.")}
         )
+    elif not into_model:
+        check_checkpoint(ckpt)
+        return int(state["step"]), ckpt, iter_weights(ckpt)
     else:
         loaded = load_checkpoint(ckpt, device="cpu")
         model.load_state_dict(loaded.model.state_dict())
-    return int(state["step"]), ckpt
+    return int(state["step"]), ckpt, None
