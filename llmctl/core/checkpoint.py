@@ -22,6 +22,7 @@ is not ours, a truncated weights file, a tokenizer whose fingerprint differs fro
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -327,6 +328,22 @@ def load_checkpoint(
     if inference:
         model.inference_layout()
     return Checkpoint(path, model, tok, cfg)
+
+
+@contextlib.contextmanager
+def checkpoint_errors(path: Path | None) -> Iterator[None]:
+    """Turn `parallel.materialize`'s ValueError about the tensors read from checkpoint `path`
+    into the one-line InputError `load_checkpoint` gives for the same file (None: no file read,
+    so a ValueError is a bug and passes through)."""
+    try:
+        yield
+    except ValueError as e:
+        if path is None:
+            raise
+        raise InputError(
+            f"{Path(path) / WEIGHTS} does not match its config.json: {e}",
+            "re-save or re-download the checkpoint",
+        ) from None
 
 
 def iter_weights(path: Path) -> Iterator[tuple[str, torch.Tensor]]:

@@ -148,7 +148,11 @@ def materialize(
     .manual_seed(seed))` gives a whole model. Either way one whole parameter at a time is built on
     the CPU and each rank keeps its own shard of it (`distribute_tensor` without communication:
     every rank holds the same values), so the peak is one parameter plus this rank's shards, and
-    the weights do not depend on the number of ranks or on `tp`."""
+    the weights do not depend on the number of ranks or on `tp`.
+
+    Raises:
+        ValueError: `state` names a tensor the model lacks, misses one it has, or a shape differs.
+    """
     from torch.distributed.tensor import DTensor, distribute_tensor
 
     from llmctl.core.model import Transformer, init_parameter, rope_tables
@@ -176,10 +180,18 @@ def materialize(
 
     seen = set()
     for name, full in whole():
-        for pname, part in _split_state({name: full}, model).items():
+        try:
+            parts = _split_state({name: full}, model)
+        except KeyError:
+            raise ValueError(f"{name} is not a parameter of this model") from None
+        for pname, part in parts.items():
             if pname not in params:
-                raise KeyError(f"{pname} is not a parameter of this model")
+                raise ValueError(f"{pname} is not a parameter of this model")
             p = params[pname]
+            if tuple(part.shape) != tuple(p.shape):  # a DTensor's shape is the global one
+                raise ValueError(
+                    f"{pname} has shape {tuple(part.shape)}, the model's is {tuple(p.shape)}"
+                )
             if isinstance(p, DTensor):
                 part = distribute_tensor(
                     part.to(device), p.device_mesh, p.placements, src_data_rank=None
@@ -188,7 +200,7 @@ def materialize(
             seen.add(id(p))
     missing = [n for n, p in model.named_parameters() if id(p) not in seen]
     if missing:
-        raise KeyError(f"no values for {missing}")
+        raise ValueError(f"no values for {', '.join(missing)}")
 
 
 def checkpoint_activations(model: nn.Module) -> None:

@@ -46,6 +46,7 @@ from llmctl.core.checkpoint import (
     WEIGHTS,
     check_checkpoint,
     check_checkpoint_dir,
+    checkpoint_errors,
     iter_weights,
     latest_checkpoint,
     load_checkpoint,
@@ -490,7 +491,9 @@ def _run(
         wrapped = wrap(model, mode, rt, tp=cfg.tp, checkpointing=cfg.activation_checkpointing)
         if meta:
             from_file = None if isinstance(resumed_state, Path) else resumed_state
-            materialize(model, rt.device, seed=cfg.seed, state=from_file or init_tensors)
+            source = resumed_from or (Path(cfg.init) if cfg.init else None)
+            with checkpoint_errors(source if from_file or init_tensors else None):
+                materialize(model, rt.device, seed=cfg.seed, state=from_file or init_tensors)
             if isinstance(resumed_state, Path):
                 load_sharded_model(model, resumed_state)
             resumed_state = None

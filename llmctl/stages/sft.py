@@ -58,6 +58,7 @@ from llmctl.core.chatdata import (
 from llmctl.core.checkpoint import (
     WEIGHTS,
     check_checkpoint,
+    checkpoint_errors,
     iter_weights,
     latest_checkpoint,
     load_checkpoint,
@@ -306,7 +307,8 @@ def _run(
         weights = resumed or weights
     wrapped = wrap(model, mode, rt)  # FSDP shards `model` in place; DDP returns a wrapper
     if meta:
-        materialize(model, rt.device, state=weights)
+        with checkpoint_errors(resumed_from or Path(cfg.init)):
+            materialize(model, rt.device, state=weights)
     opt = make_adamw(model, cfg.lr, cfg.weight_decay, (0.9, 0.95))
     if resumed_from is not None:  # also restores the RNG state
         load_optimizer_state(model, opt, read_optimizer_state(resumed_from))

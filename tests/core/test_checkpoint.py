@@ -14,6 +14,7 @@ from llmctl.core.checkpoint import (
     STATE_JSON,
     STATE_TENSORS,
     WEIGHTS,
+    checkpoint_errors,
     iter_weights,
     load_checkpoint,
     load_trainer_state,
@@ -119,6 +120,20 @@ def test_iter_weights_truncated(saved: tuple[Path, Transformer], keep: int) -> N
     weights.write_bytes(weights.read_bytes()[:keep])
     with pytest.raises(InputError, match=r"model\.safetensors is corrupt or truncated"):
         dict(iter_weights(path))
+
+
+def test_a_checkpoint_that_does_not_fit_the_model_is_an_input_error(
+    saved: tuple[Path, Transformer],
+) -> None:
+    from llmctl.core.parallel import build_on_meta, materialize
+
+    path, model = saved
+    meta = build_on_meta(model.cfg.replace(d_ff=model.cfg.d_ff + 8))
+    want = r"model\.safetensors does not match its config\.json"
+    with pytest.raises(InputError, match=want), checkpoint_errors(path):
+        materialize(meta, torch.device("cpu"), state=iter_weights(path))
+    with pytest.raises(ValueError, match="has shape"), checkpoint_errors(None):
+        materialize(build_on_meta(meta.cfg), torch.device("cpu"), state=iter_weights(path))
 
 
 @pytest.mark.parametrize("missing", [WEIGHTS, CONFIG, MODEL_FILE])

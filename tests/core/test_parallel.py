@@ -137,5 +137,11 @@ def test_a_meta_model_materialises_from_a_state_dict() -> None:
     materialize(meta, torch.device("cpu"), state=src.state_dict())
     assert all(torch.equal(a, b) for a, b in zip(meta.parameters(), src.parameters(), strict=True))
     partial = {k: v for k, v in src.state_dict().items() if k != "norm.weight"}
-    with pytest.raises(KeyError, match="norm.weight"):
+    with pytest.raises(ValueError, match="no values for norm.weight"):
         materialize(build_on_meta(CFG), torch.device("cpu"), state=partial)
+    extra = {**src.state_dict(), "layers.9.mlp.w2.weight": torch.zeros(3)}
+    with pytest.raises(ValueError, match=r"layers\.9\.mlp\.w2\.weight is not a parameter"):
+        materialize(build_on_meta(CFG), torch.device("cpu"), state=extra)
+    bad = {**src.state_dict(), "norm.weight": torch.ones(CFG.d_model + 1)}
+    with pytest.raises(ValueError, match=r"norm\.weight has shape \(33,\), the model's is \(32,\)"):
+        materialize(build_on_meta(CFG), torch.device("cpu"), state=bad)
