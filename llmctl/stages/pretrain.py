@@ -490,10 +490,15 @@ def _run(
     else:
         wrapped = wrap(model, mode, rt, tp=cfg.tp, checkpointing=cfg.activation_checkpointing)
         if meta:
-            from_file = None if isinstance(resumed_state, Path) else resumed_state
-            source = resumed_from or (Path(cfg.init) if cfg.init else None)
-            with checkpoint_errors(source if from_file or init_tensors else None):
-                materialize(model, rt.device, seed=cfg.seed, state=from_file or init_tensors)
+            # The weights come from the resumed one-file checkpoint, else the --init one, else
+            # the seed (then overwritten by a resumed sharded checkpoint's, read next).
+            state, source = None, None
+            if resumed_state is not None and not isinstance(resumed_state, Path):
+                state, source = resumed_state, resumed_from
+            elif init_tensors is not None:
+                state, source = init_tensors, Path(cfg.init)
+            with checkpoint_errors(source):
+                materialize(model, rt.device, seed=cfg.seed, state=state)
             if isinstance(resumed_state, Path):
                 load_sharded_model(model, resumed_state)
             resumed_state = None
