@@ -161,10 +161,11 @@ def materialize(
     model.to_empty(device=device)
     if cfg.tie_embeddings and model.lm_head.weight is not model.embed.weight:
         model.lm_head.weight = model.embed.weight  # to_empty from meta makes each module its own
-    cos, sin = rope_tables(cfg, device)
+    cos, sin = rope_tables(cfg)  # on the CPU, as every whole-model path computes them
     model.rope_cos.copy_(cos)
     model.rope_sin.copy_(sin)
-    params = dict(model.named_parameters(remove_duplicate=False))  # tied: both names
+    params = dict(model.named_parameters())  # a tied head is the embedding: one name
+    tied = {"lm_head.weight"} if cfg.tie_embeddings else set()
 
     def whole() -> Any:
         if state is not None:
@@ -180,10 +181,15 @@ def materialize(
 
     seen = set()
     for name, full in whole():
+        if name in tied:
+            continue  # stored once as embed.weight; skipped as load_checkpoint does
         try:
             parts = _split_state({name: full}, model)
         except KeyError:
             raise ValueError(f"{name} is not a parameter of this model") from None
+        if name not in params and sum(t.shape[0] for t in parts.values()) != full.shape[0]:
+            rows = sum(params[n].shape[0] for n in parts if n in params)
+            raise ValueError(f"{name} has {full.shape[0]} rows, the model's is {rows}")
         for pname, part in parts.items():
             if pname not in params:
                 raise ValueError(f"{pname} is not a parameter of this model")
@@ -339,7 +345,10 @@ def _split_state(sd: dict[str, Any], model: nn.Module) -> dict[str, Any]:
             if isinstance(v, torch.Tensor):
                 out[pk] = v[offset : offset + rows]
             else:
-                out[pk] = {m: t[offset : offset + rows] if t.ndim else t for m, t in v.items()}
+                # 0-dim entries (AdamW's step) are copied: shared, each part would advance it
+                out[pk] = {
+                    m: t[offset : offset + rows] if t.ndim else t.clone() for m, t in v.items()
+                }
             offset += rows
     return out
 

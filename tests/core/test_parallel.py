@@ -12,6 +12,7 @@ import torch
 from llmctl.core.model import ModelConfig, Transformer
 from llmctl.core.optim import make_adamw
 from llmctl.core.parallel import (
+    _split_state,
     build_on_meta,
     checkpoint_activations,
     clip_grad_norm,
@@ -145,3 +146,39 @@ def test_a_meta_model_materialises_from_a_state_dict() -> None:
     bad = {**src.state_dict(), "norm.weight": torch.ones(CFG.d_model + 1)}
     with pytest.raises(ValueError, match=r"norm\.weight has shape \(33,\), the model's is \(32,\)"):
         materialize(build_on_meta(CFG), torch.device("cpu"), state=bad)
+
+
+def test_materialize_checks_fused_rows_and_the_tied_head() -> None:
+    src = model(5)
+    sd = src.state_dict()
+    split = build_on_meta(CFG)
+    unfuse(split)
+    longer = {
+        **sd,
+        "layers.0.attn.wqkv.weight": torch.zeros(
+            sd["layers.0.attn.wqkv.weight"].shape[0] + 4, CFG.d_model
+        ),
+    }
+    with pytest.raises(ValueError, match=r"layers\.0\.attn\.wqkv\.weight has \d+ rows"):
+        materialize(split, torch.device("cpu"), state=longer)
+    tied_cfg = CFG.replace(tie_embeddings=True)
+    tied = Transformer(tied_cfg).state_dict()
+    stray = {**tied, "lm_head.weight": torch.zeros_like(tied["embed.weight"])}
+    meta = build_on_meta(tied_cfg)
+    materialize(meta, torch.device("cpu"), state=stray)  # the stray head is ignored
+    assert torch.equal(meta.embed.weight, tied["embed.weight"])
+    only_head = {k: v for k, v in tied.items() if k != "embed.weight"}
+    with pytest.raises(ValueError, match="no values for embed.weight"):
+        materialize(build_on_meta(tied_cfg), torch.device("cpu"), state=only_head)
+
+
+def test_split_optimizer_state_does_not_share_the_step() -> None:
+    m = model(0)
+    unfuse(m)
+    rows = sum(p.shape[0] for n, p in m.named_parameters() if n.startswith("layers.0.attn.w"))
+    rows -= m.layers[0].attn.wo.weight.shape[0]  # wq + wk + wv
+    step = torch.tensor(3.0)
+    fused = {"layers.0.attn.wqkv.weight": {"exp_avg": torch.zeros(rows, CFG.d_model), "step": step}}
+    steps = [v["step"] for v in _split_state(fused, m).values()]
+    assert len({id(t) for t in steps}) == 3  # each part advances its own
+    assert all(float(t) == 3.0 for t in steps)
