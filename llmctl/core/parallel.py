@@ -203,8 +203,8 @@ def materialize(
                     part.to(device), p.device_mesh, p.placements, src_data_rank=None
                 )
             p.copy_(part)
-            seen.add(id(p))
-    missing = [n for n, p in model.named_parameters() if id(p) not in seen]
+            seen.add(pname)
+    missing = [n for n in params if n not in seen]
     if missing:
         raise ValueError(f"no values for {', '.join(missing)}")
 
