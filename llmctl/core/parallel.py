@@ -140,20 +140,24 @@ def materialize(
     *,
     seed: int | None = None,
     state: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]] | None = None,
+    fill: bool = True,
 ) -> None:
     """Give a wrapped meta-device model (`build_on_meta`) real storage on `device` and fill it:
     with `state` (a whole, fused-layout state dict, or its (name, tensor) pairs one at a time as
     `checkpoint.iter_weights` reads them: a checkpoint being resumed) or else with the
     initial weights of `seed`, exactly those `Transformer.init_weights(torch.Generator()
     .manual_seed(seed))` gives a whole model. Either way one whole parameter at a time is built on
-    the CPU and each rank keeps its own shard of it (`distribute_tensor` without communication:
-    every rank holds the same values), so the peak is one parameter plus this rank's shards, and
-    the weights do not depend on the number of ranks or on `tp`.
+    the CPU and each rank keeps its own shard of it (no communication: every rank holds the
+    same values), so the peak is one parameter plus this rank's shards, and
+    the weights do not depend on the number of ranks or on `tp`. Each shard is cut from the
+    whole tensor on the CPU, so only the shard is copied to the device. `fill=False` allocates
+    the storage and leaves the parameters unset, for a caller that reads every value next
+    (`load_sharded_model`: DCP fails on a missing one).
 
     Raises:
         ValueError: `state` names a tensor the model lacks, misses one it has, or a shape differs.
     """
-    from torch.distributed.tensor import DTensor, distribute_tensor
+    from torch.distributed.tensor import DTensor
 
     from llmctl.core.model import Transformer, init_parameter, rope_tables
 
@@ -164,6 +168,8 @@ def materialize(
     cos, sin = rope_tables(cfg)  # on the CPU, as every whole-model path computes them
     model.rope_cos.copy_(cos)
     model.rope_sin.copy_(sin)
+    if not fill:
+        return
     params = dict(model.named_parameters())  # a tied head is the embedding: one name
     tied = {"lm_head.weight"} if cfg.tie_embeddings else set()
 
@@ -199,14 +205,33 @@ def materialize(
                     f"{pname} has shape {tuple(part.shape)}, the model's is {tuple(p.shape)}"
                 )
             if isinstance(p, DTensor):
-                part = distribute_tensor(
-                    part.to(device), p.device_mesh, p.placements, src_data_rank=None
-                )
-            p.copy_(part)
+                p.to_local().copy_(_local_block(part, p))
+            else:
+                p.copy_(part)
             seen.add(pname)
     missing = [n for n in params if n not in seen]
     if missing:
         raise ValueError(f"no values for {', '.join(missing)}")
+
+
+def _local_block(whole: torch.Tensor, p: Any) -> torch.Tensor:
+    """This rank's block of `whole` for the DTensor parameter `p`, cut on the CPU where `whole`
+    lives, so only the shard travels to `p`'s device (a GPU never holds the whole tensor)."""
+    try:
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    except ImportError:  # an older or newer torch without it: slice on the device instead
+        from torch.distributed.tensor import distribute_tensor
+
+        local = distribute_tensor(
+            whole.to(p.device), p.device_mesh, p.placements, src_data_rank=None
+        )
+        return local.to_local()
+    shape, offset = compute_local_shape_and_global_offset(whole.shape, p.device_mesh, p.placements)
+    block = whole
+    for dim, (start, size) in enumerate(zip(offset, shape, strict=True)):
+        if size != whole.shape[dim]:
+            block = block.narrow(dim, start, size)
+    return block
 
 
 def checkpoint_activations(model: nn.Module) -> None:

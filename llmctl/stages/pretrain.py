@@ -491,15 +491,16 @@ def _run(
         wrapped = wrap(model, mode, rt, tp=cfg.tp, checkpointing=cfg.activation_checkpointing)
         if meta:
             # The weights come from the resumed one-file checkpoint, else the --init one, else
-            # the seed (then overwritten by a resumed sharded checkpoint's, read next).
+            # the seed; a resumed sharded checkpoint's are read straight into the shards.
             state, source = None, None
             if resumed_state is not None and not isinstance(resumed_state, Path):
                 state, source = resumed_state, resumed_from
             elif init_tensors is not None:
                 state, source = init_tensors, Path(cfg.init)
+            sharded = isinstance(resumed_state, Path)  # every value is read by DCP next
             with checkpoint_errors(source):
-                materialize(model, rt.device, seed=cfg.seed, state=state)
-            if isinstance(resumed_state, Path):
+                materialize(model, rt.device, seed=cfg.seed, state=state, fill=not sharded)
+            if sharded:
                 load_sharded_model(model, resumed_state)
             resumed_state = None
     opt = make_adamw(

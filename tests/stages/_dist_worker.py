@@ -16,8 +16,9 @@ create alone), in this order:
     OUT/fsdpbf16  FSDP with bf16 autocast: bf16 gathered weights, fp32 gradient reduction
     OUT/crash     FSDP, 8 steps, in which rank 1 dies during step 5: the launch fails last
 
-`_dist_worker.py OUT JSON pp-dp` under `torchrun --nproc_per_node 4` runs one case instead:
+`_dist_worker.py OUT JSON pp-dp` under `torchrun --nproc_per_node 4` runs the 4-rank cases instead:
 
+    OUT/materialize_2d.json  TP 2 x FSDP 2 materialised from the meta device against the whole model
     OUT/pp2dp2    2 pipelines of 2 stages (--pp 2 --parallel ddp), each reading 4 of 8 rows
 """
 
@@ -170,11 +171,38 @@ def pipelines_in_parallel(out: Path, cfg: dict) -> None:
     pretrain.run(out / "pp2dp2", pretrain.PretrainConfig(**{**cfg, **over}))
 
 
+def materialize_2d(out: Path) -> None:
+    """TP 2 x FSDP 2 (4 ranks) built on the meta device and materialised from a seed: every
+    shard, gathered back, equals the whole model's initial weights. Odd sizes (vocabulary 1001,
+    d_model 36) make FSDP's row chunks uneven."""
+    import torch
+
+    from llmctl.core.model import ModelConfig, Transformer
+    from llmctl.core.parallel import _split_state, build_on_meta, materialize, wrap
+    from llmctl.core.runtime import Runtime
+
+    mcfg = ModelConfig(
+        vocab_size=1001, d_model=36, n_layers=2, n_heads=6, n_kv_heads=2, d_ff=98, max_seq_len=32
+    )
+    whole = Transformer(mcfg)
+    whole.init_weights(torch.Generator().manual_seed(5))
+    model = build_on_meta(mcfg)
+    wrap(model, "fsdp", Runtime.detect("cpu", "fp32"), tp=2)
+    materialize(model, torch.device("cpu"), seed=5)
+    want = _split_state(whole.state_dict(), model)
+    diffs = {}
+    for name, p in model.named_parameters():
+        diffs[name] = float((p.full_tensor() - want[name]).abs().max())
+    if dist.get_rank() == 0:
+        (out / "materialize_2d.json").write_text(json.dumps(diffs))
+
+
 if __name__ == "__main__":
     out, cfg = Path(sys.argv[1]), json.loads(sys.argv[2])
     cfg["data"] = tuple(cfg["data"])
     dist.init_process_group("gloo")
     if sys.argv[3:] == ["pp-dp"]:
+        materialize_2d(out)
         pipelines_in_parallel(out, cfg)
         dist.destroy_process_group()
         sys.exit(0)

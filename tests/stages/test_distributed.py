@@ -242,6 +242,10 @@ def test_pipelines_in_data_parallel_match_one_process(
     assert res.returncode == 0, res.stderr[-3000:]
     assert_same_run(runs / "ref", runs / "pp2dp2")
     assert abs(val_loss(runs / "pp2dp2") - val_loss(runs / "ref")) < 1e-4
+    # The same launch materialised a TP 2 x FSDP 2 model with uneven shards from the meta device.
+    diffs = json.loads((runs / "materialize_2d.json").read_text())
+    assert all(any(part in k for k in diffs) for part in ("attn.wq.", "mlp.w1.", "embed."))
+    assert max(diffs.values()) == 0.0, diffs
 
 
 @pytest.mark.slow
