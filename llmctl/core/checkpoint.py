@@ -300,18 +300,13 @@ def load_checkpoint(
     try:
         if (path / WEIGHTS).is_file():
             sd = load_file(str(path / WEIGHTS), device="cpu")
-        elif trust_shards or os.environ.get("LLMCTL_TRUST_SHARDS") == "1":
-            sd = _load_shards(path / SHARDS, mcfg)
         else:
-            raise InputError(
-                f"{path} is a sharded checkpoint: its torch.distributed.checkpoint metadata is a "
-                "pickle, which llmctl does not load unasked",
-                "if you wrote it yourself, set LLMCTL_TRUST_SHARDS=1 (e.g. for `llmctl export`, "
-                "which writes the pickle-free one-file form); `pretrain --resume` reads its own",
-            )
+            _require_trusted(path, trust_shards)
+            sd = _load_shards(path / SHARDS, mcfg)
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        where = path / WEIGHTS if (path / WEIGHTS).is_file() else path / SHARDS
         raise InputError(
-            f"{path / WEIGHTS} is corrupt or truncated ({e})",
+            f"{where} is corrupt or truncated ({_dcp_error(e)})",
             "re-save or re-download the checkpoint",
         ) from None
     model = Transformer(mcfg)
@@ -340,8 +335,9 @@ def checkpoint_errors(path: Path | None) -> Iterator[None]:
     except ValueError as e:
         if path is None:
             raise
+        file = Path(path) / WEIGHTS
         raise InputError(
-            f"{Path(path) / WEIGHTS} does not match its config.json: {e}",
+            f"{file if file.is_file() else Path(path) / SHARDS} does not match its config.json: {e}",
             "re-save or re-download the checkpoint",
         ) from None
 
@@ -365,6 +361,95 @@ def iter_weights(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
         ) from None
 
 
+def iter_shard_weights(
+    path: Path, *, trust_shards: bool = False
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """A sharded checkpoint's weights, one whole tensor at a time in the fused layout, as
+    `iter_weights` gives a one-file checkpoint's (for `parallel.materialize`). Each process reads
+    them from the DCP files on its own (no collective), so the layout and the number of ranks
+    that wrote them do not matter: a tensor-parallel run's q/k/v (gate/up) parts are read and
+    joined into the fused tensor. `trust_shards` as for `load_checkpoint`.
+
+    Raises:
+        InputError: Shards not trusted, or missing, corrupt or not those of the config.
+    """
+    import torch.distributed.checkpoint as dcp
+
+    path = Path(path)
+    _require_trusted(path, trust_shards)  # checked now, not at the first tensor
+    mcfg = ModelConfig.from_dict(check_checkpoint_dir(path)["model"])
+    directory = path / SHARDS
+    try:
+        saved = dcp.FileSystemReader(str(directory)).read_metadata().state_dict_metadata
+    except Exception as e:  # noqa: BLE001 - DCP raises what its reader met: name the directory
+        raise InputError(
+            f"{directory} is not readable DCP shards ({str(e).strip()[:200]})",
+            "re-save or re-download the checkpoint",
+        ) from None
+    return _shard_tensors(directory, mcfg, saved)
+
+
+def _shard_tensors(
+    directory: Path, mcfg: ModelConfig, saved: dict[str, Any]
+) -> Iterator[tuple[str, torch.Tensor]]:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from llmctl.core.parallel import unfused_parts
+
+    with torch.device("meta"):
+        shapes = [(n, p.shape) for n, p in Transformer(mcfg).named_parameters()]
+    split = any(".attn.wq." in k for k in saved)  # written by a tensor-parallel run
+    planner = DefaultLoadPlanner(allow_partial_load=True)
+    for name, shape in shapes:  # named_parameters lists a tied head once, as embed.weight
+        parts = unfused_parts(name) if split else None
+        names = list(parts or (name,))
+        missing = [n for n in names if f"model.{n}" not in saved]
+        if missing:
+            raise InputError(
+                f"{directory} holds no {missing[0]}: not the shards of its config.json's model",
+                "re-save or re-download the checkpoint",
+            )
+        tensors = {n: torch.empty(tuple(saved[f"model.{n}"].size)) for n in names}
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+                dcp.load(
+                    {"model": tensors}, checkpoint_id=str(directory), planner=planner, no_dist=True
+                )
+        except (Exception, CheckpointException) as e:  # noqa: BLE001 - a truncated shard, say
+            raise InputError(
+                f"{directory} is corrupt or truncated ({_dcp_error(e)})",
+                "re-save or re-download the checkpoint",
+            ) from None
+        whole = torch.cat([tensors[n] for n in names]) if len(names) > 1 else tensors[names[0]]
+        if tuple(whole.shape) != tuple(shape):
+            raise InputError(
+                f"{directory}: {name} has shape {tuple(whole.shape)}, its config.json's model "
+                f"{tuple(shape)}",
+                "re-save or re-download the checkpoint",
+            )
+        yield name, whole
+
+
+def _dcp_error(e: BaseException) -> str:
+    """The line that says what went wrong in a DCP error: its last (a CheckpointException
+    carries each rank's whole traceback)."""
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    return (lines[-1] if lines else type(e).__name__)[:200]
+
+
+def _require_trusted(path: Path, trust_shards: bool) -> None:
+    if not (trust_shards or os.environ.get("LLMCTL_TRUST_SHARDS") == "1"):
+        raise InputError(
+            f"{path} is a sharded checkpoint: its torch.distributed.checkpoint metadata is a "
+            "pickle, which llmctl does not load unasked",
+            "if you wrote it yourself, set LLMCTL_TRUST_SHARDS=1 (e.g. for `llmctl export`, "
+            "which writes the pickle-free one-file form); `pretrain --resume` reads its own",
+        )
+
+
 def _load_shards(directory: Path, mcfg: ModelConfig) -> dict[str, torch.Tensor]:
     """The full weights from a torch.distributed.checkpoint directory, in this one process (or
     collectively, when a process group is up)."""
@@ -379,9 +464,14 @@ def _load_shards(directory: Path, mcfg: ModelConfig) -> dict[str, torch.Tensor]:
     sd = template.state_dict()
     if mcfg.tie_embeddings:
         sd.pop("lm_head.weight")  # one tensor with embed.weight; tied again by the caller
-    with warnings.catch_warnings():  # "assuming ... to load in a single process": yes, it is
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load({"model": sd}, checkpoint_id=str(directory))
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        with warnings.catch_warnings():  # "assuming ... to load in a single process": yes, it is
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load({"model": sd}, checkpoint_id=str(directory))
+    except CheckpointException as e:  # a BaseException: made one load_checkpoint reports
+        raise RuntimeError(_dcp_error(e)) from None
     return fuse_state(sd)
 
 

@@ -56,6 +56,16 @@ _FUSED = {"attn.wqkv": ("attn.wq", "attn.wk", "attn.wv"), "mlp.w13": ("mlp.w1", 
 _PART_OF = {part: fused for fused, parts in _FUSED.items() for part in parts}
 
 
+def unfused_parts(name: str) -> tuple[str, ...] | None:
+    """The tensor-parallel layout's names of fused parameter `name`, in row order (None: not
+    fused): "layers.0.attn.wqkv.weight" -> the wq, wk, wv weights of layer 0."""
+    for fused, parts in _FUSED.items():
+        prefix, dot, rest = name.partition(f".{fused}.")
+        if dot:
+            return tuple(f"{prefix}.{part}.{rest}" for part in parts)
+    return None
+
+
 def data_parallel(world_size: int, tp: int) -> int:
     """Number of data-parallel groups (ranks that read different rows)."""
     return world_size // tp

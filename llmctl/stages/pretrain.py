@@ -47,6 +47,7 @@ from llmctl.core.checkpoint import (
     check_checkpoint,
     check_checkpoint_dir,
     checkpoint_errors,
+    iter_shard_weights,
     iter_weights,
     latest_checkpoint,
     load_checkpoint,
@@ -432,13 +433,17 @@ def _run(
     # own shards (core/parallel.py), so no rank ever holds the whole model on its device.
     meta = (mode == "fsdp" or cfg.tp > 1) and cfg.pp == 1
     init_tensors = None
-    if cfg.init and meta and (Path(cfg.init) / WEIGHTS).is_file():
+    if cfg.init and meta:
         # The tokens must be encoded with the checkpoint's tokenizer (check_checkpoint checks);
-        # its tensors are read one at a time into the shards by `materialize` below.
+        # its tensors (one file, or DCP shards of any layout) are read one at a time into the
+        # shards by `materialize` below.
         model = build_on_meta(check_checkpoint(Path(cfg.init), data.tokenizer)[1])
-        init_tensors = iter_weights(Path(cfg.init))
+        init_tensors = (
+            iter_weights(Path(cfg.init))
+            if (Path(cfg.init) / WEIGHTS).is_file()
+            else iter_shard_weights(Path(cfg.init))
+        )
     elif cfg.init:
-        meta = False  # a sharded checkpoint to start from is read whole (core/checkpoint.py)
         # The tokens must be encoded with the checkpoint's tokenizer: load_checkpoint checks fingerprints.
         model = load_checkpoint(
             Path(cfg.init), device=rt.device, tokenizer=data.tokenizer

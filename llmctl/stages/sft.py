@@ -59,6 +59,7 @@ from llmctl.core.checkpoint import (
     WEIGHTS,
     check_checkpoint,
     checkpoint_errors,
+    iter_shard_weights,
     iter_weights,
     latest_checkpoint,
     load_checkpoint,
@@ -274,11 +275,13 @@ def _run(
     torch.manual_seed(cfg.seed)
     # Under FSDP the model is built on the meta device and each rank materialises only its own
     # shards, reading the checkpoint one tensor at a time (core/parallel.py `materialize`).
-    meta = mode == "fsdp" and (Path(cfg.init) / WEIGHTS).is_file()
+    meta = mode == "fsdp"
     weights: Iterable[tuple[str, torch.Tensor]] | None = None
     if meta:
         _, mcfg, tok = check_checkpoint(Path(cfg.init))
-        model, weights = build_on_meta(mcfg), iter_weights(Path(cfg.init))
+        one_file = (Path(cfg.init) / WEIGHTS).is_file()
+        model = build_on_meta(mcfg)
+        weights = (iter_weights if one_file else iter_shard_weights)(Path(cfg.init))
     else:
         ckpt = load_checkpoint(Path(cfg.init), device=rt.device)
         model, tok = ckpt.model.train(), ckpt.tokenizer

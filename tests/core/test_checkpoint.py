@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -11,10 +12,12 @@ import torch
 from llmctl.core.artifacts import Manifest
 from llmctl.core.checkpoint import (
     CONFIG,
+    SHARDS,
     STATE_JSON,
     STATE_TENSORS,
     WEIGHTS,
     checkpoint_errors,
+    iter_shard_weights,
     iter_weights,
     load_checkpoint,
     load_trainer_state,
@@ -120,6 +123,54 @@ def test_iter_weights_truncated(saved: tuple[Path, Transformer], keep: int) -> N
     weights.write_bytes(weights.read_bytes()[:keep])
     with pytest.raises(InputError, match=r"model\.safetensors is corrupt or truncated"):
         dict(iter_weights(path))
+
+
+def _as_shards(path: Path, unfused: bool = False, drop: str = "") -> Path:
+    """Turn one-file checkpoint `path` into a sharded one: its weights as DCP shards (one
+    process), in the tensor-parallel layout's names when `unfused`, without tensor `drop`."""
+    import torch.distributed.checkpoint as dcp
+
+    from llmctl.core.parallel import unfuse
+
+    model = load_checkpoint(path).model
+    if unfused:
+        unfuse(model)
+    sd = {k: v for k, v in model.state_dict().items() if k != drop}
+    with warnings.catch_warnings():  # "... assuming ... a single process": yes
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save({"model": sd}, checkpoint_id=str(path / SHARDS), no_dist=True)
+    (path / WEIGHTS).unlink()
+    return path
+
+
+@pytest.mark.parametrize("unfused", [False, True])
+def test_iter_shard_weights_reads_fused_tensors_from_either_layout(
+    saved: tuple[Path, Transformer], unfused: bool
+) -> None:
+    path, model = saved
+    want = model.state_dict()
+    _as_shards(path, unfused)
+    with pytest.raises(InputError, match="sharded checkpoint: its torch.distributed"):
+        iter_shard_weights(path)  # DCP's metadata is a pickle: refused before anything is read
+    got = dict(iter_shard_weights(path, trust_shards=True))
+    assert set(got) == set(want) - {"lm_head.weight"} or set(got) == set(want)
+    assert all(torch.equal(got[k], want[k]) for k in got)
+
+
+def test_iter_shard_weights_names_what_is_wrong(saved: tuple[Path, Transformer]) -> None:
+    path, _ = saved
+    _as_shards(path, unfused=True, drop="layers.1.attn.wk.weight")
+    with pytest.raises(InputError, match=r"holds no layers\.1\.attn\.wk\.weight"):
+        dict(iter_shard_weights(path, trust_shards=True))
+    for f in (path / SHARDS).glob("*.distcp"):
+        f.write_bytes(f.read_bytes()[:100])
+    with pytest.raises(InputError, match="corrupt or truncated"):
+        dict(iter_shard_weights(path, trust_shards=True))
+    with pytest.raises(InputError, match="shards is corrupt or truncated"):
+        load_checkpoint(path, trust_shards=True)  # read whole: the same one line
+    (path / SHARDS / ".metadata").write_bytes(b"not a pickle")
+    with pytest.raises(InputError, match="not readable DCP shards"):
+        iter_shard_weights(path, trust_shards=True)
 
 
 def test_a_checkpoint_that_does_not_fit_the_model_is_an_input_error(

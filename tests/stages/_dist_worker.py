@@ -10,6 +10,7 @@ create alone), in this order:
     OUT/tp_forward.json  logits of a tensor-parallel model against the unsharded one
     OUT/tp        tensor parallel over both ranks (--tp 2, no data parallelism)
     OUT/tpfsdp    TP + FSDP on the 1 x 2 (dp x tp) mesh, sharded checkpoints; OUT/resume2tp resumes
+                  from its sharded step 3, OUT/init2tps starts FSDP (no TP) from it with --init
     OUT/pp        pipeline parallel, 2 stages, 1F1B, 4 chunks a micro-batch (tied head)
     OUT/ppgpipe   the same with GPipe, one row a chunk, untied head
     OUT/resume2pp resumes OUT/ddp's step-3 checkpoint as a 2-stage pipeline
@@ -103,6 +104,14 @@ def tensor_parallel(out: Path, cfg: dict) -> None:
         )
     dist.barrier()
     pretrain.run(out / "resume2tp", tpfsdp, resume=True)
+    # --init from that TP run's sharded step 3 (unfused names) into plain FSDP: another layout.
+    shards = out / "tpfsdp" / "checkpoints" / "step-0000003"
+    init = {**cfg, "parallel": "fsdp", "init": str(shards), "max_steps": 2}
+    os.environ["LLMCTL_TRUST_SHARDS"] = "1"  # DCP's metadata is a pickle: trusted explicitly
+    try:
+        pretrain.run(out / "init2tps", pretrain.PretrainConfig(**init))
+    finally:
+        del os.environ["LLMCTL_TRUST_SHARDS"]
 
 
 def pipeline_parallel(out: Path, cfg: dict) -> None:

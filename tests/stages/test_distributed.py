@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from llmctl.core.artifacts import partial_path
-from llmctl.core.checkpoint import load_checkpoint
+from llmctl.core.checkpoint import iter_shard_weights, load_checkpoint
 from llmctl.core.config import to_dict
 from llmctl.core.errors import ConfigError, InputError
 from llmctl.core.runtime import Runtime
@@ -154,6 +154,12 @@ def test_a_sharded_checkpoint_loads_in_one_process(runs: Runs) -> None:
         load_checkpoint(ck)  # a pickle inside: not loaded unasked
     b = load_checkpoint(ck, trust_shards=True).model.state_dict()  # what LLMCTL_TRUST_SHARDS=1 does
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # Tensor by tensor (what `--init` under FSDP/TP reads): the same values, a tied head once.
+    with pytest.raises(InputError, match="sharded checkpoint"):
+        iter_shard_weights(ck)
+    c = dict(iter_shard_weights(ck, trust_shards=True))
+    assert c.keys() == {k for k in a if k != "lm_head.weight"} or c.keys() == a.keys()
+    assert all(torch.equal(a[k], c[k]) for k in c)
 
 
 @pytest.mark.slow
@@ -203,11 +209,30 @@ def test_tensor_parallel_checkpoints_resume_on_two_ranks_and_in_one_process(
     a = load_checkpoint(runs / "tp" / "checkpoints" / "step-0000003").model.state_dict()
     b = load_checkpoint(shards, trust_shards=True).model.state_dict()
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    c = dict(iter_shard_weights(shards, trust_shards=True))  # the q/k/v parts joined again
+    assert "layers.0.attn.wqkv.weight" in c
+    assert all(torch.equal(b[k], c[k]) for k in c)
     # ...but its optimizer shards only fit the same --tp.
     copy_checkpoint(runs / "tpfsdp", 3, runs / "tp-resume1s")
     cfg = tiny_pretrain(tokens_dir, **{**SETTINGS, "micro_batch": 8})
     with pytest.raises(ConfigError, match="sharded checkpoint of a --tp 2 run"):
         pretrain.run(runs / "tp-resume1s", cfg, resume=True)
+
+
+@pytest.mark.slow
+def test_fsdp_init_from_a_tensor_parallel_sharded_checkpoint_matches_one_process(
+    runs: Runs, tokens_dir: Path, tiny_pretrain, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """2-rank FSDP --init from TP+FSDP's DCP shards (q/k/v stored apart) equals one process
+    --init from the same shards, read whole."""
+    shards = runs / "tpfsdp" / "checkpoints" / "step-0000003"
+    monkeypatch.setenv("LLMCTL_TRUST_SHARDS", "1")
+    over = {**SETTINGS, "micro_batch": 8, "init": str(shards), "max_steps": 2}
+    pretrain.run(runs / "init1tps", tiny_pretrain(tokens_dir, **over))
+    one, two = losses(runs / "init1tps"), losses(runs / "init2tps")
+    assert sorted(two) == [1, 2]
+    assert max(abs(one[s] - two[s]) for s in one) < 1e-4, (one, two)
+    assert two[1] < losses(runs / "ref")[1] - 0.1  # it starts from the trained weights
 
 
 def val_loss(run_dir: Path) -> float:
