@@ -10,9 +10,10 @@
 Both average gradients over ranks, so with each rank's loss the mean over its own rows the update is
 the single-process update of the global batch. The model is built whole on every rank from the same
 seed before it is sharded, so a run's initial weights do not depend on the number of ranks. Under
-FSDP or TP, `pretrain` builds it on the meta device instead (`build_on_meta`), wraps it, and
-`materialize`s it: each rank allocates only its shards and fills them from the same whole-model
-values, one parameter at a time (the initial weights of the seed, or the checkpoint resumed).
+FSDP, TP or PP, `pretrain` builds it on the meta device instead (`build_on_meta`), wraps it (or
+cuts its pipeline stage), and `materialize`s it: each rank allocates only its shards (or stage) and
+fills them from the same whole-model values, one parameter at a time (the initial weights of the
+seed, or the checkpoint resumed or started from).
 
 Checkpoints (`core/checkpoint.py`) come in two forms. One file: `full_model_state` and
 `full_optimizer_state` gather the state onto rank 0's CPU, `load_optimizer_state` shards it again.
@@ -151,6 +152,7 @@ def materialize(
     seed: int | None = None,
     state: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]] | None = None,
     fill: bool = True,
+    partial: bool = False,
 ) -> None:
     """Give a wrapped meta-device model (`build_on_meta`) real storage on `device` and fill it:
     with `state` (a whole, fused-layout state dict, or its (name, tensor) pairs one at a time as
@@ -162,7 +164,10 @@ def materialize(
     the weights do not depend on the number of ranks or on `tp`. Each shard is cut from the
     whole tensor on the CPU, so only the shard is copied to the device. `fill=False` allocates
     the storage and leaves the parameters unset, for a caller that reads every value next
-    (`load_sharded_model`: DCP fails on a missing one).
+    (`load_sharded_model`: DCP fails on a missing one). `partial`: `model` holds a part of the
+    whole model's parameters under the whole model's names (a pipeline stage, `core/pipeline.py`),
+    so the values of the others are read (or drawn, to keep the seed's sequence) and dropped; a
+    stage with a tied head but no embedding gets the embedding's values as its head.
 
     Raises:
         ValueError: `state` names a tensor the model lacks, misses one it has, or a shape differs.
@@ -173,8 +178,10 @@ def materialize(
 
     cfg = model.cfg
     model.to_empty(device=device)
-    if cfg.tie_embeddings and model.lm_head.weight is not model.embed.weight:
-        model.lm_head.weight = model.embed.weight  # to_empty from meta makes each module its own
+    embed, head = getattr(model, "embed", None), getattr(model, "lm_head", None)
+    # to_empty from meta makes each module its own weight: tie them again (a whole model's).
+    if cfg.tie_embeddings and embed is not None and head is not None:
+        head.weight = embed.weight
     cos, sin = rope_tables(cfg)  # on the CPU, as every whole-model path computes them
     model.rope_cos.copy_(cos)
     model.rope_sin.copy_(sin)
@@ -182,6 +189,12 @@ def materialize(
         return
     params = dict(model.named_parameters())  # a tied head is the embedding: one name
     tied = {"lm_head.weight"} if cfg.tie_embeddings else set()
+    alias = {}
+    if cfg.tie_embeddings and "embed.weight" not in params and "lm_head.weight" in params:
+        alias["embed.weight"] = "lm_head.weight"  # a last pipeline stage's copy of the tied head
+    if partial:
+        with torch.device("meta"):
+            known = {n for n, _ in Transformer(cfg).named_parameters(remove_duplicate=False)}
 
     def whole() -> Any:
         if state is not None:
@@ -199,6 +212,9 @@ def materialize(
     for name, full in whole():
         if name in tied:
             continue  # stored once as embed.weight; skipped as load_checkpoint does
+        name = alias.get(name, name)
+        if partial and name not in params and name in known:
+            continue  # another stage's
         try:
             parts = _split_state({name: full}, model)
         except KeyError:

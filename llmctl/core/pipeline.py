@@ -1,7 +1,8 @@
 """Pipeline parallelism (`pretrain --pp P`) through `torch.distributed.pipelining`.
 
-The model is built whole on every rank from the same seed (so its initial weights do not depend on
-P), then each rank keeps one stage: consecutive blocks, an equal share each (the first stages take
+The model is built on the meta device on every rank (`parallel.build_on_meta`), then each rank
+keeps one stage and materialises only that stage's parameters (`parallel.materialize(partial=True)`:
+the seed's values, or the checkpoint's, so its initial weights do not depend on P): consecutive blocks, an equal share each (the first stages take
 one more when P does not divide n_layers), the first stage also the token embedding, the last the
 final norm and the LM head. A micro-batch of `--micro-batch` rows goes through the pipeline as
 `--pp-chunks` chunks on a GPipe or 1F1B schedule (`--pp-schedule`); the loss is computed on the last
@@ -118,7 +119,7 @@ class Pipeline:
         if checkpointing:
             checkpoint_activations(model)
         self.stage = Stage(model, index, pp)
-        # Free what other stages hold (the model was built whole so its initialisation matches).
+        # Drop what other stages hold (on the meta device: never allocated).
         for i in range(model.cfg.n_layers):
             if str(i) not in self.stage.layers:
                 model.layers[i] = nn.Identity()

@@ -429,9 +429,9 @@ def _run(
         progress.log(line)
     p = plan(cfg, data.tokenizer.vocab_size, dp)
     torch.manual_seed(cfg.seed)
-    # Under FSDP or TP the model is built on the meta device and each rank materialises only its
-    # own shards (core/parallel.py), so no rank ever holds the whole model on its device.
-    meta = (mode == "fsdp" or cfg.tp > 1) and cfg.pp == 1
+    # Under FSDP, TP or PP the model is built on the meta device and each rank materialises only
+    # its own shards or stage (core/parallel.py), so no rank ever holds the whole model.
+    meta = mode == "fsdp" or cfg.tp > 1 or cfg.pp > 1
     init_tensors = None
     if cfg.init and meta:
         # The tokens must be encoded with the checkpoint's tokenizer (check_checkpoint checks);
@@ -476,6 +476,14 @@ def _run(
             f"--tp {cfg.tp} must divide n_kv_heads ({mcfg.n_kv_heads}) and d_ff ({mcfg.d_ff})",
             "each rank holds whole K/V heads: pick a --tp that divides both",
         )
+    # The weights of a meta-device model: the resumed one-file checkpoint's, else the --init
+    # one's, else the seed's; a resumed sharded checkpoint's are read straight into the shards.
+    state, source = None, None
+    sharded = isinstance(resumed_state, Path)
+    if resumed_state is not None and not sharded:
+        state, source = resumed_state, resumed_from
+    elif init_tensors is not None:
+        state, source = init_tensors, Path(cfg.init)
     # TP splits the blocks over ranks and FSDP shards `model` in place; DDP returns a wrapper.
     pipe = None
     if cfg.pp > 1:
@@ -492,22 +500,16 @@ def _run(
             checkpointing=cfg.activation_checkpointing,
         )
         wrapped = pipe.stage  # this rank's blocks; the optimizer holds only their parameters
+        with checkpoint_errors(source):  # this stage's parameters only
+            materialize(pipe.stage, rt.device, seed=cfg.seed, state=state, partial=True)
     else:
         wrapped = wrap(model, mode, rt, tp=cfg.tp, checkpointing=cfg.activation_checkpointing)
         if meta:
-            # The weights come from the resumed one-file checkpoint, else the --init one, else
-            # the seed; a resumed sharded checkpoint's are read straight into the shards.
-            state, source = None, None
-            if resumed_state is not None and not isinstance(resumed_state, Path):
-                state, source = resumed_state, resumed_from
-            elif init_tensors is not None:
-                state, source = init_tensors, Path(cfg.init)
-            sharded = isinstance(resumed_state, Path)  # every value is read by DCP next
-            with checkpoint_errors(source):
+            with checkpoint_errors(source):  # a sharded checkpoint: every value is read next
                 materialize(model, rt.device, seed=cfg.seed, state=state, fill=not sharded)
             if sharded:
                 load_sharded_model(model, resumed_state)
-            resumed_state = None
+    resumed_state = None
     opt = make_adamw(
         pipe.stage if pipe else model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2)
     )
@@ -733,6 +735,12 @@ def _resume(
         for k in TRAJECTORY
         if k in names and k in saved and k != "micro_batch" and to_dict(cfg)[k] != saved[k]
     ]
+    if (ckpt / SHARDS).is_dir() and cfg.pp > 1:
+        raise ConfigError(
+            f"{ckpt} is a sharded checkpoint, which --pp does not read",
+            "resume it without --pp, or start from its weights with --init "
+            "(LLMCTL_TRUST_SHARDS=1) in a new --pp run",
+        )
     if (ckpt / SHARDS).is_dir() and state.get("tp", 1) != cfg.tp:
         raise ConfigError(
             f"{ckpt} is a sharded checkpoint of a --tp {state.get('tp', 1)} run; its optimizer "

@@ -148,6 +148,36 @@ def test_a_meta_model_materialises_from_a_state_dict() -> None:
         materialize(build_on_meta(CFG), torch.device("cpu"), state=bad)
 
 
+@pytest.mark.parametrize("tie", [False, True])
+@pytest.mark.parametrize("index", [0, 1, 2])
+def test_a_pipeline_stage_materialises_only_its_own_parameters(tie: bool, index: int) -> None:
+    from llmctl.core.pipeline import Stage
+
+    cfg = CFG.replace(tie_embeddings=tie, n_layers=3)
+    whole = Transformer(cfg)
+    whole.init_weights(torch.Generator().manual_seed(4))
+    meta = build_on_meta(cfg)
+    stage = Stage(meta, index, 3)
+    for state in (None, whole.state_dict()):  # the seed's values, or a checkpoint's
+        materialize(stage, torch.device("cpu"), seed=4, state=state, partial=True)
+        got = dict(stage.named_parameters())
+        assert {n.split(".")[1] for n in got if n.startswith("layers.")} == {str(index)}
+        assert ("embed.weight" in got) == (index == 0)
+        assert ("lm_head.weight" in got) == (index == 2)
+        for name, p in got.items():  # a last stage's tied head holds the embedding's values
+            want = (
+                whole.embed.weight
+                if name == "lm_head.weight" and tie
+                else whole.get_parameter(name)
+            )
+            assert torch.equal(p, want), name
+    assert meta.layers[(index + 1) % 3].attn.wqkv.weight.is_meta  # other stages': never allocated
+    extra = {**whole.state_dict(), "layers.7.mlp.w2.weight": torch.zeros(3)}
+    other = Stage(build_on_meta(cfg), index, 3)
+    with pytest.raises(ValueError, match=r"layers\.7\.mlp\.w2\.weight is not a parameter"):
+        materialize(other, torch.device("cpu"), state=extra, partial=True)
+
+
 def test_materialize_checks_fused_rows_and_the_tied_head() -> None:
     src = model(5)
     sd = src.state_dict()
