@@ -217,6 +217,13 @@ def test_tensor_parallel_checkpoints_resume_on_two_ranks_and_in_one_process(
     cfg = tiny_pretrain(tokens_dir, **{**SETTINGS, "micro_batch": 8})
     with pytest.raises(ConfigError, match="sharded checkpoint of a --tp 2 run"):
         pretrain.run(runs / "tp-resume1s", cfg, resume=True)
+    # ...and --pp reads none (checked where a --pp run looks for its checkpoint).
+    pp = tiny_pretrain(tokens_dir, **{**SETTINGS, "pp": 2, "parallel": "ddp"})
+    meta = pretrain.build_on_meta(pp.model_config(512))
+    rt = Runtime.detect("cpu", "fp32")
+    run_dir = partial_path(runs / "tp-resume1s")
+    with pytest.raises(ConfigError, match="sharded checkpoint, which --pp does not read"):
+        pretrain._resume(run_dir, pp, meta, rt, into_model=False)
 
 
 @pytest.mark.slow
