@@ -131,6 +131,7 @@ class Pipeline:
                 if r == self.replica:
                     self.tied_group = group
         self.grad_accum = grad_accum
+        self.device = device
         self._pipe_stage = PipelineStage(self.stage, index, pp, device, group=self.pp_group)
         cls = ScheduleGPipe if schedule == "gpipe" else Schedule1F1B
         # Not the schedule's own scaling: it divides the whole .grad after every step, which would
@@ -203,19 +204,40 @@ class Pipeline:
     # -- state, gathered on rank 0 ------------------------------------------------------------
 
     def _gather(self, obj: Any) -> list[Any]:
-        """Every stage's `obj` of the first pipeline on rank 0 (in stage order), `[]` elsewhere:
-        tensors sent between this job's own processes (torch pickles them in transit; nothing is
-        read from a file). The other pipelines hold the same state and send nothing."""
+        """Every stage's small `obj` (names, hyper-parameters) of the first pipeline on rank 0 (in
+        stage order), `[]` elsewhere; the other pipelines hold the same state and send nothing."""
         if self.replica != 0:
             return []
         out: list[Any] | None = [None] * self.pp if self.rank == 0 else None
         dist.gather_object(obj, out, dst=0, group=self.pp_group)
         return out or []
 
+    def _gather_tensors(self, own: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        """Every stage's tensors of the first pipeline on rank 0's CPU (in stage order), `[]`
+        elsewhere. Names, shapes and dtypes travel as objects; each tensor is then sent on its
+        own (`send`/`recv`, on the GPU under NCCL), so rank 0 holds the state once plus one
+        tensor in transit, not every stage's state pickled and unpickled again."""
+        meta = self._gather([(k, tuple(v.shape), v.dtype) for k, v in own.items()])
+        if self.replica != 0:
+            return []
+        wire = self.device if dist.get_backend(self.pp_group) == "nccl" else torch.device("cpu")
+        if self.rank != 0:
+            for t in own.values():
+                dist.send(t.detach().to(wire).contiguous(), dst=0, group=self.pp_group)
+            return []
+        parts = [{k: v.detach().cpu() for k, v in own.items()}]
+        for src in range(1, self.pp):
+            part = {}
+            for name, shape, dtype in meta[src]:
+                buf = torch.empty(shape, dtype=dtype, device=wire)
+                dist.recv(buf, src=src, group=self.pp_group)
+                part[name] = buf.cpu()
+            parts.append(part)
+        return parts
+
     def full_model_state(self) -> dict[str, torch.Tensor]:
         """Every stage's weights on rank 0 (others `{}`), tied head dropped as in one process."""
-        own = {k: v.detach().cpu() for k, v in self.stage.state_dict().items()}
-        parts = self._gather(own)
+        parts = self._gather_tensors(self.stage.state_dict())
         sd: dict[str, torch.Tensor] = {}
         for part in parts:
             sd.update(part)
@@ -231,16 +253,19 @@ class Pipeline:
         """AdamW state as one process of the whole model would have it, on rank 0."""
         sd = opt.state_dict()
         names = self._names(opt)
-        own = {names[i]: {k: v.cpu() for k, v in st.items()} for i, st in sd["state"].items()}
-        parts = self._gather({"state": own, "groups": sd["param_groups"]})
+        flat = {f"{names[i]}\0{k}": v for i, st in sd["state"].items() for k, v in st.items()}
+        parts = self._gather_tensors(flat)
+        groups_of = self._gather(sd["param_groups"])
         if not parts:
             return {}
         by_name: dict[str, Any] = {}
         for part in parts:
-            by_name.update(part["state"])
+            for key, v in part.items():
+                name, k = key.split("\0")
+                by_name.setdefault(name, {})[k] = v
         index = {n: i for i, n in enumerate(self.order)}
         groups, start = [], 0
-        for size, g in zip(self.group_sizes, parts[0]["groups"], strict=True):
+        for size, g in zip(self.group_sizes, groups_of[0], strict=True):
             groups.append({**g, "params": list(range(start, start + size))})
             start += size
         return {
