@@ -361,6 +361,14 @@ def iter_weights(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
         ) from None
 
 
+def iter_checkpoint_weights(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """A checkpoint's weights one whole tensor at a time: `iter_weights` for the one-file form,
+    `iter_shard_weights` (behind LLMCTL_TRUST_SHARDS=1) for DCP shards."""
+    if (Path(path) / WEIGHTS).is_file():
+        return iter_weights(path)
+    return iter_shard_weights(path)
+
+
 def iter_shard_weights(
     path: Path, *, trust_shards: bool = False
 ) -> Iterator[tuple[str, torch.Tensor]]:

@@ -27,12 +27,11 @@ from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from llmctl.core.artifacts import Manifest, Output, commit_output, partial_path
 from llmctl.core.distributed import active, barrier, process_group
 from llmctl.core.errors import ConfigError
-from llmctl.core.parallel import Parallel
+from llmctl.core.parallel import Parallel, reshard  # noqa: F401 - stages import it from here
 from llmctl.core.runtime import Runtime
 from llmctl.core.train_loop import truncate_metrics
 
@@ -90,19 +89,6 @@ def every_rank(flag: bool, device: torch.device) -> bool:
     t = torch.tensor([int(flag)], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return bool(t.item())
-
-
-def reshard(module: nn.Module) -> None:
-    """Shard an FSDP root's parameters again after a forward outside training (no-op otherwise).
-
-    FSDP keeps the root's parameters gathered after a forward and registers the gathered tensors
-    as the module's parameters in place of the shards the optimizer holds; `module.parameters()`
-    (what the training loop clips) must list the shards again before training starts.
-    """
-    from torch.distributed.fsdp import FSDPModule
-
-    if isinstance(module, FSDPModule):
-        module.reshard()
 
 
 @contextlib.contextmanager

@@ -44,11 +44,11 @@ class ScalarHead(nn.Module):
     """Linear(d_model, 1) with a bias. Initialised small (std 1/(d_model+1), as OpenRLHF does) so the
     first rewards are near 0 and the pairwise loss starts near log 2 instead of saturating."""
 
-    def __init__(self, d_model: int) -> None:
+    def __init__(self, d_model: int, generator: torch.Generator | None = None) -> None:
         super().__init__()
         self.proj = nn.Linear(d_model, 1, bias=True)
         with torch.no_grad():
-            self.proj.weight.normal_(0.0, 1.0 / (d_model + 1))
+            self.proj.weight.normal_(0.0, 1.0 / (d_model + 1), generator=generator)
             self.proj.bias.zero_()
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
@@ -232,16 +232,33 @@ def load_reward_model(
             "train the reward model from the policy's SFT checkpoint: llmctl rm PREFS --init SFT -o RM",
         )
     ck = load_checkpoint(path, device=device)
+    head = ScalarHead(ck.model.cfg.d_model)
+    head.proj.load_state_dict(read_head(path, ck.model.cfg.d_model))
+    return RewardModel(ck.model, head).to(device).eval(), ck.tokenizer
+
+
+def read_head(path: Path, d_model: int) -> dict[str, torch.Tensor]:
+    """A reward model's head tensors, {"weight": (1, d_model), "bias": (1,)}, checked.
+
+    Raises:
+        InputError: The head file is corrupt or does not fit a d_model-wide backbone.
+    """
+    head_file = Path(path) / (
+        (check_checkpoint_dir(Path(path)).get("head") or {}).get("file") or HEAD_FILE
+    )
     try:
         t = load_file(str(head_file), device="cpu")
-        head = ScalarHead(ck.model.cfg.d_model)
-        head.proj.load_state_dict({"weight": t["weight"], "bias": t["bias"]})
+        t = {"weight": t["weight"], "bias": t["bias"]}
+        if tuple(t["weight"].shape) != (1, d_model) or tuple(t["bias"].shape) != (1,):
+            raise RuntimeError(
+                f"weight {tuple(t['weight'].shape)}, bias {tuple(t['bias'].shape)} for d_model {d_model}"
+            )
     except (SafetensorError, OSError, KeyError, RuntimeError) as e:
         raise InputError(
             f"{head_file} is corrupt or does not fit the model ({type(e).__name__}: {str(e)[:200]})",
             "re-train or re-copy the reward model",
         ) from None
-    return RewardModel(ck.model, head).to(device).eval(), ck.tokenizer
+    return t
 
 
 def is_reward_model(path: Path) -> bool:

@@ -305,6 +305,9 @@ class PairStage:
         holds it) and `trainer_state`.
     write_files: (directory, state) -> the final checkpoint's files (no manifest).
     load_weights: copy weights from a checkpoint into `model` (resume).
+    materialize: for a `model` built on the meta device (FSDP): called once it is wrapped, with
+        the checkpoint being resumed (or None), to allocate this rank's shards and fill them
+        (`parallel.materialize`); `load_weights` is then not used.
     """
 
     name: str
@@ -315,6 +318,7 @@ class PairStage:
     write_files: Callable[[Path, dict[str, Any]], Any]
     load_weights: Callable[[Path], None]
     inputs: list[dict[str, Any]] = field(default_factory=list)
+    materialize: Callable[[Path | None], None] | None = None
 
 
 def pair_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Tensor:
@@ -407,11 +411,15 @@ def _train_pairs(
 ) -> Manifest:
     conf = to_dict(cfg)
     start, ckpt = 0, None
-    if resume:  # the weights go into the whole model, before it is wrapped
+    if resume:  # the weights go into the whole model before it is wrapped, or materialise
         start, ckpt = resume_point(partial_path(dst), conf, rt)
-        stage.load_weights(ckpt)
+        if stage.materialize is None:
+            stage.load_weights(ckpt)
     module = stage.model
     wrapped = wrap(module, mode, rt)  # FSDP shards `module` in place; DDP returns a wrapper
+    if stage.materialize is not None:
+        stage.materialize(ckpt)
+        reshard(module)  # after dpo's reference pass: the optimizer must get the sharded weights
     opt = make_adamw(module, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
     if ckpt is not None and (opt_state := read_optimizer_state(ckpt)) is not None:
         load_optimizer_state(module, opt, opt_state)  # read_optimizer_state restored the RNG

@@ -153,6 +153,7 @@ def materialize(
     state: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]] | None = None,
     fill: bool = True,
     partial: bool = False,
+    allocate: bool = True,
 ) -> None:
     """Give a wrapped meta-device model (`build_on_meta`) real storage on `device` and fill it:
     with `state` (a whole, fused-layout state dict, or its (name, tensor) pairs one at a time as
@@ -168,6 +169,8 @@ def materialize(
     whole model's parameters under the whole model's names (a pipeline stage, `core/pipeline.py`),
     so the values of the others are read (or drawn, to keep the seed's sequence) and dropped; a
     stage with a tied head but no embedding gets the embedding's values as its head.
+    `allocate=False`: the storage exists already (a wrapper around `model` is the FSDP root, and
+    its `to_empty` was called, which FSDP needs on the root), or the values are being replaced.
 
     Raises:
         ValueError: `state` names a tensor the model lacks, misses one it has, or a shape differs.
@@ -177,7 +180,8 @@ def materialize(
     from llmctl.core.model import Transformer, init_parameter, rope_tables
 
     cfg = model.cfg
-    model.to_empty(device=device)
+    if allocate:
+        model.to_empty(device=device)
     embed, head = getattr(model, "embed", None), getattr(model, "lm_head", None)
     # to_empty from meta makes each module its own weight: tie them again (a whole model's).
     if cfg.tie_embeddings and embed is not None and head is not None:
@@ -238,6 +242,31 @@ def materialize(
     missing = [n for n in params if n not in seen]
     if missing:
         raise ValueError(f"no values for {', '.join(missing)}")
+
+
+@torch.no_grad()
+def fill_parameters(module: nn.Module, values: Mapping[str, torch.Tensor]) -> None:
+    """Copy whole tensors into `module`'s parameters of the same names, each rank into its own
+    shard where they are sharded (a small module beside a `materialize`d model: a scalar head).
+
+    Raises:
+        ValueError: The names or a shape differ.
+    """
+    from torch.distributed.tensor import DTensor
+
+    params = dict(module.named_parameters())
+    if set(values) != set(params):
+        raise ValueError(f"values for {sorted(values)}, parameters {sorted(params)}")
+    for name, p in params.items():
+        whole = values[name]
+        if tuple(whole.shape) != tuple(p.shape):
+            raise ValueError(
+                f"{name} has shape {tuple(whole.shape)}, the model's is {tuple(p.shape)}"
+            )
+        if isinstance(p, DTensor):
+            p.to_local().copy_(_local_block(whole, p))
+        else:
+            p.copy_(whole)
 
 
 def _local_block(whole: torch.Tensor, p: Any) -> torch.Tensor:
@@ -451,6 +480,17 @@ def grad_sync(model: nn.Module, sync: bool) -> contextlib.AbstractContextManager
     return contextlib.nullcontext()
 
 
+def reshard(model: nn.Module) -> None:
+    """Put an FSDP root's sharded parameters back on its modules. The root keeps its weights
+    gathered after a forward until the backward, so after a forward without one (evaluation, a
+    reference pass) `parameters()` would list the gathered copies: an optimizer built then, or a
+    state gathered then, would hold tensors that training no longer updates. No-op otherwise."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(model, FSDPModule):
+        model.reshard()
+
+
 def _is_sharded(model: nn.Module) -> bool:
     """FSDP or TP: some parameters are DTensors (state must be gathered collectively)."""
     from torch.distributed.tensor import DTensor
@@ -467,6 +507,7 @@ def _full_options() -> Any:
 def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The unsharded weights (a tied head stored once, as `embed.weight`). Under FSDP every rank
     must call this (it all-gathers); the tensors land on rank 0's CPU, other ranks get `{}`."""
+    reshard(model)
     if _is_sharded(model):
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
@@ -488,6 +529,7 @@ def full_optimizer_state(model: nn.Module, opt: torch.optim.Optimizer) -> dict[s
     """`opt.state_dict()` as one process of the fused model would have it (state keyed by
     parameter index in the fused order, so a TP run's file resumes without TP and back). Under FSDP
     or TP a collective gather: every rank must call it; rank 0 gets the tensors, others `{}`."""
+    reshard(model)
     names = _param_names(model, opt)
     split = any(_fused_name(n) for n in names)
     if not _is_sharded(model):

@@ -33,7 +33,14 @@ from torch import nn
 
 from llmctl.core.artifacts import Manifest, check_output, input_record
 from llmctl.core.chatdata import IGNORE
-from llmctl.core.checkpoint import load_checkpoint, save_checkpoint, write_checkpoint_files
+from llmctl.core.checkpoint import (
+    check_checkpoint,
+    checkpoint_errors,
+    iter_checkpoint_weights,
+    load_checkpoint,
+    save_checkpoint,
+    write_checkpoint_files,
+)
 from llmctl.core.config import require
 from llmctl.core.data_parallel import plan_ranks
 from llmctl.core.errors import InputError
@@ -47,6 +54,7 @@ from llmctl.core.pairs import (
     load_pair_data,
     train_pairs,
 )
+from llmctl.core.parallel import build_on_meta, materialize, reshard, wrap
 from llmctl.core.progress import SILENT, Progress
 from llmctl.core.runtime import Runtime
 
@@ -89,20 +97,55 @@ def run(
         check_output(dst, force)
     rt = runtime or Runtime.detect(cfg.device, cfg.precision)
     # Several processes without a mode, or a batch they do not divide: refused before loading.
-    plan_ranks(cfg.parallel, cfg.batch_size, cfg.micro_batch, rt, "pairs")
-    ck = load_checkpoint(Path(cfg.init), device=rt.device)
-    policy, tok = ck.model, ck.tokenizer
+    mode, _ = plan_ranks(cfg.parallel, cfg.batch_size, cfg.micro_batch, rt, "pairs")
+    init, ref_path = Path(cfg.init), Path(cfg.ref or cfg.init)
+    meta = mode == "fsdp"  # built on the meta device: each rank allocates only its shards
+    if meta:
+        _, mcfg, tok = check_checkpoint(init)
+        policy = build_on_meta(mcfg)
+    else:
+        ck = load_checkpoint(init, device=rt.device)
+        policy, tok = ck.model, ck.tokenizer
     data = load_pair_data(cfg, tok, policy.cfg.max_seq_len)
-    ref_path = Path(cfg.ref or cfg.init)
-    ref = load_checkpoint(ref_path, device=rt.device) if cfg.ref else None
-    if ref is not None and ref.tokenizer.fingerprint != tok.fingerprint:
-        raise InputError(
-            f"reference {ref_path} uses tokenizer {ref.tokenizer.fingerprint}, {cfg.init} uses {tok.fingerprint}",
-            "use a reference trained with the policy's tokenizer (its SFT checkpoint)",
-        )
-    progress.log("reference log-probs: one pass over the pairs")
-    _add_reference(data, ref.model if ref is not None else policy, tok.pad_id, cfg.micro_batch, rt)
-    del ref
+    if cfg.ref:
+        _, ref_cfg, ref_tok = check_checkpoint(ref_path)
+        if ref_tok.fingerprint != tok.fingerprint:
+            raise InputError(
+                f"reference {ref_path} uses tokenizer {ref_tok.fingerprint}, {cfg.init} uses {tok.fingerprint}",
+                "use a reference trained with the policy's tokenizer (its SFT checkpoint)",
+            )
+    answer = AnswerLogprobs(policy)
+    if rt.is_main:
+        progress.log("reference log-probs: one pass over the pairs")
+    if not meta:
+        ref = load_checkpoint(ref_path, device=rt.device).model if cfg.ref else policy
+        _add_reference(data, AnswerLogprobs(ref), tok.pad_id, cfg.micro_batch, rt)
+        del ref
+
+    def fill(resumed: Path | None) -> None:
+        """Under FSDP, once `answer` is wrapped: the policy's shards from --init, the reference
+        pass (through the policy, or a sharded copy of --ref), then a resumed checkpoint's."""
+        answer.to_empty(device=rt.device)  # on the FSDP root, which tracks the new storage
+        with checkpoint_errors(init):
+            materialize(policy, rt.device, state=iter_checkpoint_weights(init), allocate=False)
+        if cfg.ref:
+            ref = AnswerLogprobs(build_on_meta(ref_cfg))
+            wrap(ref, "fsdp", rt)
+            ref.to_empty(device=rt.device)
+            with checkpoint_errors(ref_path):
+                materialize(
+                    ref.policy, rt.device, state=iter_checkpoint_weights(ref_path), allocate=False
+                )
+            _add_reference(data, ref, tok.pad_id, cfg.micro_batch, rt)
+            del ref
+        else:
+            _add_reference(data, answer, tok.pad_id, cfg.micro_batch, rt)
+        if resumed is not None:
+            check_checkpoint(resumed, tok)
+            with checkpoint_errors(resumed):
+                materialize(
+                    policy, rt.device, state=iter_checkpoint_weights(resumed), allocate=False
+                )
 
     def rewards(model: nn.Module, b: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
         assert b.ref is not None
@@ -126,13 +169,14 @@ def run(
         inputs.append(input_record(cfg.ref, "checkpoint"))
     stage = PairStage(
         name="dpo",
-        model=AnswerLogprobs(policy),
+        model=answer,
         tokenizer=tok,
         rewards=rewards,
         save=lambda p, m, st: save_checkpoint(p, policy, tok, manifest=m, **files(st)),
         write_files=lambda d, st: write_checkpoint_files(d, policy, tok, **files(st)),
         load_weights=load_weights,
         inputs=inputs,
+        materialize=fill if meta else None,
     )
     return train_pairs(dst, cfg, data, stage, rt, force=force, resume=resume, progress=progress)
 
@@ -172,8 +216,11 @@ def sequence_logprobs(model: Transformer, b: PairBatch) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _add_reference(data: PairData, ref: Transformer, pad_id: int, size: int, rt: Runtime) -> None:
-    """Fill data.train_ref / data.val_ref: (n, 2) reference log-probs of (chosen, rejected)."""
+def _add_reference(
+    data: PairData, ref: AnswerLogprobs, pad_id: int, size: int, rt: Runtime
+) -> None:
+    """Fill data.train_ref / data.val_ref: (n, 2) reference log-probs of (chosen, rejected).
+    Under FSDP `ref` is the wrapped root and every rank runs every batch (same data)."""
     was = ref.training
     ref.eval()
 
@@ -181,9 +228,11 @@ def _add_reference(data: PairData, ref: Transformer, pad_id: int, size: int, rt:
         out = []
         with rt.autocast():
             for b in chunks(pairs, size, pad_id):
-                lp = sequence_logprobs(ref, b.to(rt.device)).float().cpu()
+                b = b.to(rt.device)
+                lp = ref(b.ids, b.targets).float().cpu()
                 out.append(torch.stack([lp[: b.n_pairs], lp[b.n_pairs :]], dim=1))
         return torch.cat(out) if out else torch.zeros(0, 2)
 
     data.train_ref, data.val_ref = of(data.train), of(data.val)
     ref.train(was)
+    reshard(ref)  # an FSDP root keeps its weights gathered after a forward without backward

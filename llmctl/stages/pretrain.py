@@ -47,7 +47,7 @@ from llmctl.core.checkpoint import (
     check_checkpoint,
     check_checkpoint_dir,
     checkpoint_errors,
-    iter_shard_weights,
+    iter_checkpoint_weights,
     iter_weights,
     latest_checkpoint,
     load_checkpoint,
@@ -438,11 +438,7 @@ def _run(
         # its tensors (one file, or DCP shards of any layout) are read one at a time into the
         # shards by `materialize` below.
         model = build_on_meta(check_checkpoint(Path(cfg.init), data.tokenizer)[1])
-        init_tensors = (
-            iter_weights(Path(cfg.init))
-            if (Path(cfg.init) / WEIGHTS).is_file()
-            else iter_shard_weights(Path(cfg.init))
-        )
+        init_tensors = iter_checkpoint_weights(Path(cfg.init))
     elif cfg.init:
         # The tokens must be encoded with the checkpoint's tokenizer: load_checkpoint checks fingerprints.
         model = load_checkpoint(

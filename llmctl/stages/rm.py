@@ -22,6 +22,7 @@ or `score_chosen` and `score_rejected` (preference pairs) as a docs dataset (Par
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -37,19 +38,28 @@ from llmctl.core.chatdata import (
     load_preferences,
     read_rows,
 )
-from llmctl.core.checkpoint import load_checkpoint
+from llmctl.core.checkpoint import (
+    check_checkpoint,
+    checkpoint_errors,
+    iter_checkpoint_weights,
+    load_checkpoint,
+)
 from llmctl.core.config import require, to_dict
 from llmctl.core.data_parallel import plan_ranks
 from llmctl.core.heads import (
     RewardModel,
+    ScalarHead,
     is_reward_model,
     load_reward_model,
+    read_head,
     save_reward_model,
     write_reward_model_files,
 )
 from llmctl.core.pairs import PairBatch, PairStage, PairTrainConfig, load_pair_data, train_pairs
+from llmctl.core.parallel import build_on_meta, fill_parameters, materialize
 from llmctl.core.progress import SILENT, Progress
 from llmctl.core.runtime import Runtime
+from llmctl.core.tokenizer import Tokenizer
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -79,13 +89,20 @@ def run(
         check_output(dst, force)
     rt = runtime or Runtime.detect(cfg.device, cfg.precision)
     # Several processes without a mode, or a batch they do not divide: refused before loading.
-    plan_ranks(cfg.parallel, cfg.batch_size, cfg.micro_batch, rt, "pairs")
-    torch.manual_seed(cfg.seed)  # the head's initialisation
-    if is_reward_model(Path(cfg.init)):  # continue training a reward model, head included
-        rm, tok = load_reward_model(Path(cfg.init), device=rt.device)
+    mode, _ = plan_ranks(cfg.parallel, cfg.batch_size, cfg.micro_batch, rt, "pairs")
+    init = Path(cfg.init)
+    torch.manual_seed(cfg.seed)
+    # A new head's initial values come from the seed alone, so every layout starts the same.
+    new_head = torch.Generator().manual_seed(cfg.seed)
+    fill = None
+    if mode == "fsdp":  # built on the meta device: each rank allocates only its shards
+        rm, tok, fill = _on_meta(init, new_head, rt)
+    elif is_reward_model(init):  # continue training a reward model, head included
+        rm, tok = load_reward_model(init, device=rt.device)
     else:
-        ck = load_checkpoint(Path(cfg.init), device=rt.device)
-        rm, tok = RewardModel(ck.model), ck.tokenizer
+        ck = load_checkpoint(init, device=rt.device)
+        head = ScalarHead(ck.model.cfg.d_model, generator=new_head)
+        rm, tok = RewardModel(ck.model, head.to(rt.device)), ck.tokenizer
     data = load_pair_data(cfg, tok, rm.backbone.cfg.max_seq_len)
 
     def load_weights(path: Path) -> None:
@@ -100,8 +117,38 @@ def run(
         write_files=lambda d, st: write_reward_model_files(d, rm, tok, **st),
         load_weights=load_weights,
         inputs=[input_record(cfg.init, "checkpoint")],
+        materialize=fill,
     )
     return train_pairs(dst, cfg, data, stage, rt, force=force, resume=resume, progress=progress)
+
+
+def _on_meta(
+    init: Path, new_head: torch.Generator, rt: Runtime
+) -> tuple[RewardModel, Tokenizer, Callable[[Path | None], None]]:
+    """The reward model on the meta device, its tokenizer, and what fills it once FSDP has
+    wrapped it: the backbone one tensor at a time from `init` (or the checkpoint resumed), the
+    head from that reward model's head file, or else new from `new_head`."""
+    _, mcfg, tok = check_checkpoint(init)
+    if is_reward_model(init):
+        head_values = read_head(init, mcfg.d_model)
+    else:
+        head_values = ScalarHead(mcfg.d_model, generator=new_head).tensors()
+    with torch.device("meta"):
+        rm = RewardModel(build_on_meta(mcfg), ScalarHead(mcfg.d_model))
+
+    def fill(resumed: Path | None) -> None:
+        source = resumed or init
+        if resumed is not None:
+            check_checkpoint(resumed, tok)
+        rm.to_empty(device=rt.device)  # on the FSDP root, which tracks the new storage
+        with checkpoint_errors(source):
+            materialize(
+                rm.backbone, rt.device, state=iter_checkpoint_weights(source), allocate=False
+            )
+        values = read_head(resumed, mcfg.d_model) if resumed is not None else head_values
+        fill_parameters(rm.head, {f"proj.{k}": v for k, v in values.items()})
+
+    return rm, tok, fill
 
 
 def rewards(model: torch.nn.Module, b: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:

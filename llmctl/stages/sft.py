@@ -56,10 +56,9 @@ from llmctl.core.chatdata import (
     pack,
 )
 from llmctl.core.checkpoint import (
-    WEIGHTS,
     check_checkpoint,
     checkpoint_errors,
-    iter_shard_weights,
+    iter_checkpoint_weights,
     iter_weights,
     latest_checkpoint,
     load_checkpoint,
@@ -279,9 +278,7 @@ def _run(
     weights: Iterable[tuple[str, torch.Tensor]] | None = None
     if meta:
         _, mcfg, tok = check_checkpoint(Path(cfg.init))
-        one_file = (Path(cfg.init) / WEIGHTS).is_file()
-        model = build_on_meta(mcfg)
-        weights = (iter_weights if one_file else iter_shard_weights)(Path(cfg.init))
+        model, weights = build_on_meta(mcfg), iter_checkpoint_weights(Path(cfg.init))
     else:
         ckpt = load_checkpoint(Path(cfg.init), device=rt.device)
         model, tok = ckpt.model.train(), ckpt.tokenizer

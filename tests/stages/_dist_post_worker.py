@@ -7,9 +7,11 @@ group they did not create alone):
     OUT/sft-ddp     sft, DDP, through the CLI
     OUT/sft-fsdp    sft, FSDP; OUT/sft-resume resumes from its step-2 checkpoint
     OUT/lora-ddp    sft with LoRA adapters, DDP
-    OUT/rm-fsdp     rm, FSDP (the blocks, then the reward model with its head as the root)
+    OUT/rm-fsdp     rm, FSDP (the blocks, then the reward model with its head as the root), built
+                    on the meta device; OUT/rm-fsdp-resume resumes from its step-2 checkpoint
     OUT/rm-ddp      rm, DDP, through the CLI
-    OUT/dpo-fsdp    dpo, FSDP
+    OUT/dpo-fsdp    dpo, FSDP (meta device); OUT/dpo-fsdp-resume resumes from its step 2;
+                    OUT/dpo-fsdp-ref names --ref (a sharded reference copy for the reference pass)
     OUT/dpo-ddp     dpo, DDP, through the CLI
     OUT/ppo-ddp     ppo, DDP, 2 steps, through the CLI; OUT/ppo-resume resumes from its step 1
     OUT/ppo-fsdp    ppo, FSDP, the same 2 steps; OUT/ppo-fsdp-resume resumes from its step 1;
@@ -61,8 +63,14 @@ def main(out: Path, cfgs: dict[str, dict]) -> None:
     sft.run(out / "sft-resume", fsdp, resume=True)
     sft.run(out / "lora-ddp", sft.SFTConfig(**cfgs["sft"], lora_rank=4, parallel="ddp"))
     rm.run(out / "rm-fsdp", rm.RMConfig(**cfgs["rm"], parallel="fsdp"))
+    resume_from(out / "rm-fsdp", 2, out / "rm-fsdp-resume")
+    rm.run(out / "rm-fsdp-resume", rm.RMConfig(**cfgs["rm"], parallel="fsdp"), resume=True)
     cli("rm", out / "rm-ddp", cfgs["rm"], "ddp")
     dpo.run(out / "dpo-fsdp", dpo.DPOConfig(**cfgs["dpo"], parallel="fsdp"))
+    resume_from(out / "dpo-fsdp", 2, out / "dpo-fsdp-resume")
+    dpo.run(out / "dpo-fsdp-resume", dpo.DPOConfig(**cfgs["dpo"], parallel="fsdp"), resume=True)
+    with_ref = {**cfgs["dpo"], "ref": cfgs["dpo"]["init"]}  # the default reference, named
+    dpo.run(out / "dpo-fsdp-ref", dpo.DPOConfig(**with_ref, parallel="fsdp"))
     cli("dpo", out / "dpo-ddp", cfgs["dpo"], "ddp")
     cli("ppo", out / "ppo-ddp", cfgs["ppo"], "ddp", first="prompts")
     resume_from(out / "ppo-ddp", 1, out / "ppo-resume")

@@ -198,6 +198,23 @@ def test_two_ranks_match_one_process(runs: Runs, run: str) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(
+    ("ref", "run", "steps"),
+    [
+        ("rm-ref", "rm-fsdp-resume", [3, 4]),
+        ("dpo-ref", "dpo-fsdp-resume", [3, 4]),
+        ("dpo-ref", "dpo-fsdp-ref", [1, 2, 3, 4]),
+    ],
+)
+def test_pair_stages_on_the_meta_device_resume_and_take_a_reference(
+    runs: Runs, ref: str, run: str, steps: list[int]
+) -> None:
+    """rm and dpo under FSDP fill their shards after wrapping: a resume reads the checkpoint's
+    weights (and head), dpo's reference pass runs on the sharded policy or a sharded --ref."""
+    assert_same_trace(runs / ref, runs / run, steps)
+
+
+@pytest.mark.slow
 def test_a_two_rank_checkpoint_resumes_on_two_ranks_and_on_one(runs: Runs) -> None:
     assert_same_trace(runs / "sft-ref", runs / "sft-resume", [3, 4])
     # One process: the rows per micro-step (micro-batch x ranks) stay 4.
