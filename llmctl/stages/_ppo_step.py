@@ -22,6 +22,8 @@ from torch import nn
 from llmctl.core.artifacts import input_record
 from llmctl.core.chatdata import IGNORE, Prompt
 from llmctl.core.checkpoint import (
+    check_checkpoint,
+    check_checkpoint_dir,
     load_checkpoint,
     model_state,
 )
@@ -36,6 +38,7 @@ from llmctl.core.errors import ConfigError, LlmctlError, TrainingError
 from llmctl.core.heads import ScalarHead, load_reward_model, pad_right
 from llmctl.core.model import ModelConfig, Transformer
 from llmctl.core.parallel import (
+    build_on_meta,
     clip_grad_norm,
 )
 from llmctl.core.ppo import (
@@ -135,10 +138,10 @@ def _rule_scores(
 class Critic(nn.Module):
     """Value function: a decoder backbone plus a scalar head at every position."""
 
-    def __init__(self, body: Transformer) -> None:
+    def __init__(self, body: Transformer, head: ScalarHead | None = None) -> None:
         super().__init__()
         self.body = body
-        self.head = ScalarHead(body.cfg.d_model).to(body.embed.weight.device)
+        self.head = (head or ScalarHead(body.cfg.d_model)).to(body.embed.weight.device)
 
     @property
     def cfg(self) -> ModelConfig:
@@ -189,13 +192,77 @@ class Models:
     train_critic: nn.Module | None = None
     # Under FSDP: policy, critic and reference are sharded, and decoding steps in lockstep.
     sharded: bool = False
+    # Built on the meta device (FSDP): `fill` allocates and fills the shards once they are wrapped.
+    critic_head: dict[str, torch.Tensor] | None = None
+
+    def fill(self, init: Path, resumed: Path | None, device: torch.device) -> None:
+        """Meta-device models, wrapped: each rank's shards of the policy (from the checkpoint
+        resumed, else `init`), the reference (`init`) and the critic (the resumed checkpoint's
+        critic file, else `init`'s weights and the new head), one whole tensor at a time."""
+        from llmctl.core.checkpoint import checkpoint_errors, iter_checkpoint_weights
+        from llmctl.core.parallel import fill_parameters, materialize
+
+        with checkpoint_errors(resumed or init):
+            materialize(self.policy, device, state=iter_checkpoint_weights(resumed or init))
+        with checkpoint_errors(init):
+            materialize(self.ref, device, state=iter_checkpoint_weights(init))
+        self.critic.to_empty(device=device)  # on the critic, the FSDP root
+        if resumed is not None:
+            saved = read_critic(resumed, device="cpu")
+            body = ((k[5:], v) for k, v in saved.items() if k.startswith("body."))
+            head = {"proj.weight": saved["head.weight"], "proj.bias": saved["head.bias"]}
+        else:
+            body, head = iter_checkpoint_weights(init), dict(self.critic_head or {})
+        with checkpoint_errors(resumed or init):
+            materialize(self.critic.body, device, state=body, allocate=False)
+        fill_parameters(self.critic.head, head)
 
 
-def load_models(cfg: PPOConfig, rt: Runtime) -> Models:
-    ck = load_checkpoint(Path(cfg.init), device=rt.device)
-    policy, tok = ck.model.train(), ck.tokenizer
-    ref = copy.deepcopy(policy).eval().requires_grad_(False)
-    critic = Critic(copy.deepcopy(policy)).train()
+CRITIC_FILE = "trainer_state.critic.safetensors"  # "trainer_state.*": resume state, not content
+
+
+def read_critic(ckpt: Path, device: str) -> dict[str, torch.Tensor]:
+    """A PPO checkpoint's critic tensors (`Critic.tensors` form).
+
+    Raises:
+        InputError: The file is missing or corrupt.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from llmctl.core.errors import InputError
+
+    try:
+        t = load_file(str(Path(ckpt) / CRITIC_FILE), device=device)
+        if "head.weight" not in t or "head.bias" not in t:
+            raise KeyError("head.weight")
+    except (SafetensorError, OSError, KeyError, RuntimeError) as e:
+        raise InputError(
+            f"{Path(ckpt) / CRITIC_FILE} is missing or corrupt ({type(e).__name__})",
+            "resume from an earlier checkpoint or start again without --resume",
+        ) from None
+    return t
+
+
+def load_models(cfg: PPOConfig, rt: Runtime, *, meta: bool = False) -> Models:
+    """Policy, reference and critic from `--init`, and the reward. `meta` (FSDP): the three are
+    built on the meta device and filled by `Models.fill` once wrapped. The critic's new head
+    comes from the seed alone, so every layout starts from the same one."""
+    critic_head = ScalarHead(
+        ModelConfig.from_dict(check_checkpoint_dir(Path(cfg.init))["model"]).d_model,
+        generator=torch.Generator().manual_seed(subseed(cfg.seed, "ppo/critic-head", 0)),
+    )
+    if meta:
+        _, mcfg, tok = check_checkpoint(Path(cfg.init))
+        policy = build_on_meta(mcfg).train()
+        ref = build_on_meta(mcfg).eval().requires_grad_(False)
+        with torch.device("meta"):
+            critic = Critic(build_on_meta(mcfg), ScalarHead(mcfg.d_model)).train()
+    else:
+        ck = load_checkpoint(Path(cfg.init), device=rt.device)
+        policy, tok = ck.model.train(), ck.tokenizer
+        ref = copy.deepcopy(policy).eval().requires_grad_(False)
+        critic = Critic(copy.deepcopy(policy), critic_head).train()
     inputs = [input_record(cfg.init, "checkpoint")]
     if cfg.reward_model:
         rm, _ = load_reward_model(Path(cfg.reward_model), device=rt.device, tokenizer=tok)
@@ -217,7 +284,8 @@ def load_models(cfg: PPOConfig, rt: Runtime) -> Models:
         def score(p: Sequence[Prompt], _p_ids: list[list[int]], r_ids: list[list[int]]):
             return _rule_scores(fn, cfg.reward or "", p, [tok.decode(r) for r in r_ids])
 
-    return Models(policy, ref, critic, tok, score, inputs)
+    head = {f"proj.{k}": v for k, v in critic_head.tensors().items()} if meta else None
+    return Models(policy, ref, critic, tok, score, inputs, critic_head=head)
 
 
 # -- rollouts -------------------------------------------------------------------------------------

@@ -58,13 +58,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from llmctl.core.artifacts import Manifest, input_record, partial_path
 from llmctl.core.chatdata import Prompt, load_prompts
 from llmctl.core.checkpoint import (
+    check_checkpoint,
     latest_checkpoint,
     load_checkpoint,
     load_trainer_state,
@@ -95,14 +95,14 @@ from llmctl.core.progress import SILENT, Progress
 from llmctl.core.runtime import Runtime
 from llmctl.core.train_loop import read_metrics
 from llmctl.stages._ppo_step import (
+    CRITIC_FILE,
     Models,
     ResponseLogprobs,
     encode_prompts,
     load_models,
     ppo_step,
+    read_critic,
 )
-
-CRITIC_FILE = "trainer_state.critic.safetensors"  # "trainer_state.*": resume state, not content
 
 # Fields that change the trajectory: a resumed run must agree on these.
 TRAJECTORY = (
@@ -256,16 +256,23 @@ def _checkpoint_state(
     return {"weights": weights, "optimizer": optimizer, "critic": models.critic.tensors(critic)}
 
 
-def _resume(run_dir: Path, cfg: PPOConfig, models: Models, rt: Runtime) -> tuple[int, float, Path]:
+def _resume(
+    run_dir: Path, cfg: PPOConfig, models: Models, rt: Runtime, *, into_models: bool = True
+) -> tuple[int, float, Path]:
     """Check the run being resumed and load its weights into the unwrapped policy and critic (the
-    optimizer is loaded once they are wrapped). Returns (step, beta, checkpoint)."""
+    optimizer is loaded once they are wrapped), or, for meta-device models (`into_models`
+    False), only check them: `Models.fill` reads them. Returns (step, beta, checkpoint)."""
     ckpt = latest_checkpoint(run_dir) if run_dir.is_dir() else None
     if ckpt is None:
         raise InputError(
             f"nothing to resume: no checkpoint in {run_dir / 'checkpoints'}", "run without --resume"
         )
-    loaded = load_checkpoint(ckpt, device=rt.device, tokenizer=models.tokenizer)
-    if loaded.model.cfg != models.policy.cfg:
+    if not into_models:
+        saved_cfg = check_checkpoint(ckpt, models.tokenizer)[1]
+    else:
+        loaded = load_checkpoint(ckpt, device=rt.device, tokenizer=models.tokenizer)
+        saved_cfg = loaded.model.cfg
+    if saved_cfg != models.policy.cfg:
         raise ConfigError(f"{ckpt} has a different model shape than --init", "resume with --init")
     state = load_trainer_state(ckpt, None)
     saved = state.get("config", {})
@@ -284,14 +291,16 @@ def _resume(run_dir: Path, cfg: PPOConfig, models: Models, rt: Runtime) -> tuple
             if ranks > 1
             else "resume it in one process (without torchrun)",
         )
-    models.policy.load_state_dict(loaded.model.state_dict())
-    try:
-        models.critic.load_tensors(load_file(str(ckpt / CRITIC_FILE), device=str(rt.device)))
-    except (SafetensorError, OSError, KeyError, RuntimeError) as e:
-        raise InputError(
-            f"{ckpt / CRITIC_FILE} is missing or corrupt ({type(e).__name__})",
-            "resume from an earlier checkpoint or start again without --resume",
-        ) from None
+    critic = read_critic(ckpt, device=str(rt.device) if into_models else "cpu")
+    if into_models:
+        models.policy.load_state_dict(loaded.model.state_dict())
+        try:
+            models.critic.load_tensors(critic)
+        except (KeyError, RuntimeError) as e:
+            raise InputError(
+                f"{ckpt / CRITIC_FILE} does not fit the model ({type(e).__name__})",
+                "resume from an earlier checkpoint or start again without --resume",
+            ) from None
     return int(state["step"]), float(state["kl_coef"]), ckpt
 
 
@@ -330,7 +339,10 @@ def _run(
     progress: Progress,
 ) -> Manifest:
     torch.manual_seed(cfg.seed)
-    models = load_models(cfg, rt)  # every input is checked before anything is written
+    # Every input is checked before anything is written; under FSDP the models are built on the
+    # meta device and each rank fills only its shards once they are wrapped (Models.fill).
+    meta = mode == "fsdp"
+    models = load_models(cfg, rt, meta=meta)
     prompts, src = load_prompts(cfg.prompts)
     ctx = models.policy.cfg.max_seq_len
     if ctx - cfg.max_new_tokens < 2:
@@ -344,11 +356,12 @@ def _run(
     kl = KLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)
     run_dir = partial_path(dst)
     start, ckpt = 0, None
-    if resume:  # the weights go into the whole models, before they are wrapped
-        start, kl.value, ckpt = _resume(run_dir, cfg, models, rt)
+    if resume:  # the weights go into the whole models before they are wrapped, or into shards
+        start, kl.value, ckpt = _resume(run_dir, cfg, models, rt, into_models=not meta)
     both = nn.ModuleList([models.policy, models.critic])
     if mode == "fsdp":
         _shard(models, rt)
+        models.fill(Path(cfg.init), ckpt, rt.device)
     opt = make_adamw(both, cfg.lr, cfg.weight_decay, (0.9, 0.95))  # FSDP: over the shards
     if mode != "none":
         # The critic reads hidden states, never its own LM head: DDP must not wait for a gradient
