@@ -175,7 +175,6 @@ def materialize(
     Raises:
         ValueError: `state` names a tensor the model lacks, misses one it has, or a shape differs.
     """
-    from torch.distributed.tensor import DTensor
 
     from llmctl.core.model import Transformer, init_parameter, rope_tables
 
@@ -229,15 +228,7 @@ def materialize(
         for pname, part in parts.items():
             if pname not in params:
                 raise ValueError(f"{pname} is not a parameter of this model")
-            p = params[pname]
-            if tuple(part.shape) != tuple(p.shape):  # a DTensor's shape is the global one
-                raise ValueError(
-                    f"{pname} has shape {tuple(part.shape)}, the model's is {tuple(p.shape)}"
-                )
-            if isinstance(p, DTensor):
-                p.to_local().copy_(_local_block(part, p))
-            else:
-                p.copy_(part)
+            _copy_whole(pname, params[pname], part)
             seen.add(pname)
     missing = [n for n in params if n not in seen]
     if missing:
@@ -252,21 +243,23 @@ def fill_parameters(module: nn.Module, values: Mapping[str, torch.Tensor]) -> No
     Raises:
         ValueError: The names or a shape differ.
     """
-    from torch.distributed.tensor import DTensor
-
     params = dict(module.named_parameters())
     if set(values) != set(params):
         raise ValueError(f"values for {sorted(values)}, parameters {sorted(params)}")
     for name, p in params.items():
-        whole = values[name]
-        if tuple(whole.shape) != tuple(p.shape):
-            raise ValueError(
-                f"{name} has shape {tuple(whole.shape)}, the model's is {tuple(p.shape)}"
-            )
-        if isinstance(p, DTensor):
-            p.to_local().copy_(_local_block(whole, p))
-        else:
-            p.copy_(whole)
+        _copy_whole(name, p, values[name])
+
+
+def _copy_whole(name: str, p: torch.Tensor, whole: torch.Tensor) -> None:
+    """`whole` into parameter `p` (its own block where `p` is a DTensor), shapes checked."""
+    from torch.distributed.tensor import DTensor
+
+    if tuple(whole.shape) != tuple(p.shape):  # a DTensor's shape is the global one
+        raise ValueError(f"{name} has shape {tuple(whole.shape)}, the model's is {tuple(p.shape)}")
+    if isinstance(p, DTensor):
+        p.to_local().copy_(_local_block(whole, p))
+    else:
+        p.copy_(whole)
 
 
 def _local_block(whole: torch.Tensor, p: Any) -> torch.Tensor:
