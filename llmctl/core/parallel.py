@@ -195,9 +195,10 @@ def materialize(
     alias = {}
     if cfg.tie_embeddings and "embed.weight" not in params and "lm_head.weight" in params:
         alias["embed.weight"] = "lm_head.weight"  # a last pipeline stage's copy of the tied head
-    if partial:
+    if partial:  # every stage checks every tensor, so a bad checkpoint stops all ranks alike
         with torch.device("meta"):
-            known = {n for n, _ in Transformer(cfg).named_parameters(remove_duplicate=False)}
+            known = {n: p.shape for n, p in Transformer(cfg).named_parameters()}
+        others = set()
 
     def whole() -> Any:
         if state is not None:
@@ -215,9 +216,14 @@ def materialize(
     for name, full in whole():
         if name in tied:
             continue  # stored once as embed.weight; skipped as load_checkpoint does
-        name = alias.get(name, name)
-        if partial and name not in params and name in known:
+        if partial and name not in params and alias.get(name) not in params and name in known:
+            if tuple(full.shape) != tuple(known[name]):
+                raise ValueError(
+                    f"{name} has shape {tuple(full.shape)}, the model's is {tuple(known[name])}"
+                )
+            others.add(name)
             continue  # another stage's
+        name = alias.get(name, name)
         try:
             parts = _split_state({name: full}, model)
         except KeyError:
@@ -231,6 +237,8 @@ def materialize(
             _copy_whole(pname, params[pname], part)
             seen.add(pname)
     missing = [n for n in params if n not in seen]
+    if partial:  # the other stages' too, as they check them
+        missing += [n for n in known if n not in others and alias.get(n, n) not in params]
     if missing:
         raise ValueError(f"no values for {', '.join(missing)}")
 

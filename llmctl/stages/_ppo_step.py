@@ -34,7 +34,7 @@ from llmctl.core.data_parallel import (
     reshard,
 )
 from llmctl.core.distributed import mean_over_ranks
-from llmctl.core.errors import ConfigError, LlmctlError, TrainingError
+from llmctl.core.errors import ConfigError, InputError, LlmctlError, TrainingError
 from llmctl.core.heads import ScalarHead, load_reward_model, pad_right
 from llmctl.core.model import ModelConfig, Transformer
 from llmctl.core.parallel import (
@@ -213,9 +213,15 @@ class Models:
             head = {"proj.weight": saved["head.weight"], "proj.bias": saved["head.bias"]}
         else:
             body, head = iter_checkpoint_weights(init), dict(self.critic_head or {})
-        with checkpoint_errors(resumed or init):
-            materialize(self.critic.body, device, state=body, allocate=False)
-        fill_parameters(self.critic.head, head)
+        try:  # the values come from the resumed critic file, else from --init and the seed
+            with checkpoint_errors(None if resumed is not None else init):
+                materialize(self.critic.body, device, state=body, allocate=False)
+            fill_parameters(self.critic.head, head)
+        except ValueError as e:  # only a resumed critic file's get here
+            raise InputError(
+                f"{Path(resumed or init) / CRITIC_FILE} does not fit the model: {e}",
+                "resume from an earlier checkpoint or start again without --resume",
+            ) from None
 
 
 CRITIC_FILE = "trainer_state.critic.safetensors"  # "trainer_state.*": resume state, not content
@@ -229,8 +235,6 @@ def read_critic(ckpt: Path, device: str) -> dict[str, torch.Tensor]:
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
-
-    from llmctl.core.errors import InputError
 
     try:
         t = load_file(str(Path(ckpt) / CRITIC_FILE), device=device)

@@ -176,6 +176,18 @@ def test_a_pipeline_stage_materialises_only_its_own_parameters(tie: bool, index:
     other = Stage(build_on_meta(cfg), index, 3)
     with pytest.raises(ValueError, match=r"layers\.7\.mlp\.w2\.weight is not a parameter"):
         materialize(other, torch.device("cpu"), state=extra, partial=True)
+    # Every stage checks every tensor, its own or not, so a bad checkpoint stops all ranks alike.
+    name = "layers.1.mlp.w2.weight" if index != 1 else "layers.0.mlp.w2.weight"
+    lacking = {k: v for k, v in whole.state_dict().items() if k != name}
+    with pytest.raises(ValueError, match=f"no values for {name}"):
+        materialize(
+            Stage(build_on_meta(cfg), index, 3), torch.device("cpu"), state=lacking, partial=True
+        )
+    wrong = {**whole.state_dict(), name: torch.zeros(3, 3)}
+    with pytest.raises(ValueError, match=rf"{name} has shape \(3, 3\)"):
+        materialize(
+            Stage(build_on_meta(cfg), index, 3), torch.device("cpu"), state=wrong, partial=True
+        )
 
 
 def test_materialize_checks_fused_rows_and_the_tied_head() -> None:

@@ -258,3 +258,38 @@ def test_cli_missing_reward_function_is_a_one_line_error(
                             "--max-new-tokens", "3", "--device", "cpu", "--precision", "fp32"])  # fmt: skip
     assert r.exit_code == 0, r.output
     assert Manifest.read(out).stage == "ppo"
+
+
+def test_meta_models_fill_from_init_and_from_a_resumed_checkpoint(
+    tmp_path: Path, toy: dict[str, Path]
+) -> None:
+    """What FSDP runs (Models.fill), in one process: the models built on the meta device hold
+    --init's weights and the seeded critic head, or a checkpoint's policy and critic."""
+    from safetensors.torch import load_file, save_file
+
+    from llmctl.core.runtime import Runtime
+    from llmctl.stages._ppo_step import load_models
+
+    cfg = config(toy, steps=1, save_every=1, batch_prompts=4, minibatch=4, ppo_epochs=1)
+    rt = Runtime.detect("cpu", "fp32")
+    whole = load_models(cfg, rt)
+    meta = load_models(cfg, rt, meta=True)
+    meta.fill(Path(cfg.init), None, rt.device)
+    for a, b in ((whole.policy, meta.policy), (whole.ref, meta.ref), (whole.critic, meta.critic)):
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sa.keys() == sb.keys()
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    ppo.run(tmp_path / "run", cfg)
+    ckpt = partial_path(tmp_path / "run") / "checkpoints" / "step-0000001"
+    if not ckpt.is_dir():  # the final checkpoint holds the same policy and critic files
+        ckpt = tmp_path / "run"
+    resumed = load_models(cfg, rt, meta=True)
+    resumed.fill(Path(cfg.init), ckpt, rt.device)
+    critic = load_file(str(ckpt / ppo.CRITIC_FILE))
+    assert torch.equal(resumed.critic.head.proj.weight, critic["head.weight"])
+    trained = load_checkpoint(ckpt).model.state_dict()
+    assert all(torch.equal(v, trained[k]) for k, v in resumed.policy.state_dict().items())
+    critic["body.norm.weight"] = torch.zeros(3)
+    save_file(critic, str(ckpt / ppo.CRITIC_FILE))
+    with pytest.raises(InputError, match=r"critic\.safetensors does not fit the model: norm\.weight has shape"):
+        load_models(cfg, rt, meta=True).fill(Path(cfg.init), ckpt, rt.device)
